@@ -1,0 +1,251 @@
+"""The patch engine shared by every encoder adapter.
+
+An adapter describes a model family with a :class:`BlockSpec` (how to call a block's attention
+and MLP branches and where its queries and keys appear) and finds the blocks in a model. The
+:class:`Patch` then
+
+- replaces each block's ``forward`` by an instance attribute that runs
+  ``x + attn(x) -> reduce -> x + mlp(x)`` (the only copied logic; the branches themselves are
+  the model's own modules, so every framework feature inside them keeps working);
+- adds forward hooks on the key (and, if needed, query) modules to capture them;
+- passes the proportional-attention bias as the attention's own float mask, so SDPA stays fused.
+
+:meth:`Patch.remove` deletes the instance attributes and hooks, restoring the exact original
+modules. The per-forward state lives in a :class:`contextvars.ContextVar` owned by the patch:
+two models, or two threads running one model, never share it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.budget import resolve
+from ..core.flops import CostModel
+from ..core.state import Signals, TokenState
+from ..methods.base import Method
+
+ATTR = "_tokenmerge_patch"
+
+# Captured q/k of the attention call in progress (set only around that call, per thread).
+_CAPTURE: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar(
+    "tokenmerge_capture", default=None
+)
+
+
+class UnsupportedModelError(TypeError):
+    """Raised for a model (or a block inside it) that no adapter recognises."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How to run one block of a family, given the block module ``m``.
+
+    ``attn(m, x, mask)`` and ``mlp(m, x)`` return the residual branches (norm, sub-layer,
+    layer scale, drop path included). ``q(m)``/``k(m)`` are the modules whose outputs are the
+    queries/keys; ``layout`` says how those outputs are shaped: ``"bhnd"`` (``[B, H, N, d]``) or
+    ``"bnc"`` (``[B, N, H*d]``).
+    """
+
+    attn: Callable[[nn.Module, Tensor, Tensor | None], Tensor]
+    mlp: Callable[[nn.Module, Tensor], Tensor]
+    q: Callable[[nn.Module], nn.Module]
+    k: Callable[[nn.Module], nn.Module]
+    heads: Callable[[nn.Module], int]
+    scale: Callable[[nn.Module], float]
+    layout: str = "bnc"
+
+
+@dataclass
+class Target:
+    """What an adapter found in a model: the blocks to patch and how to treat their tokens."""
+
+    family: str
+    blocks: list[nn.Module]
+    spec: BlockSpec
+    cost: CostModel
+    n_prefix: int  # leading protected tokens (CLS, registers, distillation)
+    prop_attn: bool  # the family's default for proportional attention
+    grid: Callable[[int], tuple[int, int] | None] = lambda n: None
+    # (object, attribute, factory(patch) -> value): instance attributes to override
+    extra_patches: list[tuple[object, str, Callable[[Patch], Any]]] = field(default_factory=list)
+    # (module, factory(patch) -> hook): forward pre-hooks with kwargs (e.g. pooling heads)
+    pre_hooks: list[tuple[nn.Module, Callable[[Patch], Callable]]] = field(default_factory=list)
+
+
+class Adapter(ABC):
+    """A model family. Subclasses are registered in :data:`ADAPTERS`."""
+
+    family: str
+    description: str
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter is responsible for ``model`` (checked by class name)."""
+
+    @abstractmethod
+    def target(self, model: nn.Module) -> Target:
+        """The blocks of ``model``; raises :class:`UnsupportedModelError` on a block it does not
+        recognise exactly (never patch half a model)."""
+
+
+ADAPTERS: list[Adapter] = []
+
+
+def class_names(obj: object) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+def check_blocks(blocks: list[nn.Module], expected: str, family: str) -> None:
+    """Refuse, by name, any block whose class is not exactly the one the spec was written for."""
+    for i, b in enumerate(blocks):
+        if type(b).__name__ != expected:
+            raise UnsupportedModelError(
+                f"{family}: block {i} is a {type(b).__name__}, not a {expected}; tokenmerge only "
+                f"patches blocks whose structure it knows and will not patch this model half-way"
+            )
+
+
+@dataclass
+class _Run:
+    """One forward pass: its token state and budget schedule."""
+
+    state: TokenState
+    schedule: tuple[int, ...]
+    reduced: bool = False
+
+
+class Patch:
+    """A method attached to a model's blocks; undone by :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, method: Method, target: Target) -> None:
+        self.model = model
+        self.method = method
+        self.target = target
+        self.prop_attn = target.prop_attn if method.prop_attn is None else method.prop_attn
+        self._run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+            f"tokenmerge_run_{id(self)}", default=None
+        )
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._saved: list[tuple[object, str, bool, Any]] = []
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        spec = self.target.spec
+        need_q = "queries" in self.method.needs
+        for i, block in enumerate(self.target.blocks):
+            self._override(block, "forward", self._make_forward(block, i))
+            self._handles.append(spec.k(block).register_forward_hook(_capture("k")))
+            if need_q:
+                self._handles.append(spec.q(block).register_forward_hook(_capture("q")))
+        for obj, attr, factory in self.target.extra_patches:
+            self._override(obj, attr, factory(self))
+        for module, factory in self.target.pre_hooks:
+            self._handles.append(module.register_forward_pre_hook(factory(self), with_kwargs=True))
+        setattr(self.model, ATTR, self)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for obj, attr, had, old in reversed(self._saved):
+            if had:
+                setattr(obj, attr, old)
+            else:
+                delattr(obj, attr)
+        self._saved.clear()
+        if getattr(self.model, ATTR, None) is self:
+            delattr(self.model, ATTR)
+
+    def _override(self, obj: object, attr: str, value: Any) -> None:
+        had = attr in vars(obj)
+        self._saved.append((obj, attr, had, vars(obj).get(attr)))
+        setattr(obj, attr, value)
+
+    # ------------------------------------------------------------------ per-forward state
+    @property
+    def state(self) -> TokenState | None:
+        """The token state of the latest forward pass in this thread/context."""
+        run = self._run.get()
+        return None if run is None else run.state
+
+    def _start(self, x: Tensor) -> _Run:
+        b, n, _ = x.shape
+        p = min(self.target.n_prefix, n)
+        protected = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+        protected[:, :p] = True
+        grid = self.target.grid(n - p)
+        state = TokenState.start(x, protected, grid=grid, n_prefix=p)
+        budget = self.method.budget
+        if budget.is_zero:
+            schedule = (0,) * len(self.target.blocks)
+        else:
+            schedule = resolve(budget, n, p, self.target.cost, self.method.max_r)
+        run = _Run(state, schedule)
+        self._run.set(run)
+        return run
+
+    def _make_forward(self, block: nn.Module, i: int) -> Callable[..., Tensor]:
+        spec, method = self.target.spec, self.method
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            run = self._start(x) if i == 0 else self._run.get()
+            if run is None:
+                raise RuntimeError("tokenmerge: a patched block ran before block 0 of its model")
+            st = run.state
+            if run.reduced:
+                mask = st.attn_bias(self.prop_attn, x.dtype)
+            else:  # nothing reduced yet: the model's own mask, so budget 0 is bit-identical
+                mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+            cap: dict[str, Tensor] = {}
+            token = _CAPTURE.set(cap)
+            try:
+                h = x + spec.attn(block, x, mask)
+            finally:
+                _CAPTURE.reset(token)
+            r = run.schedule[i]
+            if r > 0 or getattr(method, "dynamic", False):
+                sig = Signals(
+                    x=h,
+                    k=_heads(cap["k"], spec.layout, spec.heads(block)),
+                    q=_heads(cap["q"], spec.layout, spec.heads(block)) if "q" in cap else None,
+                    scale=spec.scale(block),
+                    bias=mask if run.reduced else None,
+                )
+                red = method.reduce(sig, st, r, i)
+                if red is not None:
+                    h = st.reduce(h, red)
+                    run.reduced = True
+            out = h + spec.mlp(block, h)
+            st.tokens_per_layer.append(st.counts)
+            return out
+
+        return forward
+
+
+def _capture(name: str) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+        cap = _CAPTURE.get()
+        if cap is not None:
+            cap[name] = output
+
+    return hook
+
+
+def _heads(t: Tensor, layout: str, heads: int) -> Tensor:
+    if layout == "bhnd":
+        return t
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def square_grid(n: int) -> tuple[int, int] | None:
+    """``(h, w)`` for ``n`` patch tokens on a square grid, else ``None``."""
+    s = round(n**0.5)
+    return (s, s) if s * s == n else None

@@ -1,0 +1,78 @@
+"""The public entry points: :func:`apply`, :func:`remove`, :func:`patched`, :func:`state`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .adapters import ADAPTERS, Patch, UnsupportedModelError
+from .adapters.base import ATTR
+from .core.state import TokenState
+from .methods.base import Method
+
+
+def supported_families() -> list[str]:
+    """One line per model family that an adapter supports."""
+    return [f"{a.family}: {a.description}" for a in ADAPTERS]
+
+
+def apply(model: nn.Module, method: Method) -> nn.Module:
+    """Patch ``model`` in place so that ``method`` reduces its tokens; returns ``model``.
+
+    Raises:
+        ValueError: the model is already patched (call :func:`remove` first).
+        UnsupportedModelError: no adapter recognises the model; the message lists the families.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"expected a tokenmerge method (e.g. tm.ToMe(r=8)), got {method!r}")
+    if getattr(model, ATTR, None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already patched with {getattr(model, ATTR).method}; "
+            "call tokenmerge.remove(model) before applying another method"
+        )
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            patch = Patch(model, method, adapter.target(model))
+            patch.install()
+            return model
+    raise UnsupportedModelError(
+        f"no tokenmerge adapter supports {type(model).__name__}. Supported families:\n  "
+        + "\n  ".join(supported_families())
+    )
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`, restoring the original modules exactly; returns ``model``."""
+    patch = getattr(model, ATTR, None)
+    if patch is None:
+        raise ValueError(f"{type(model).__name__} is not patched by tokenmerge")
+    patch.remove()
+    return model
+
+
+def patch_of(model: nn.Module) -> Patch:
+    """The :class:`Patch` attached to ``model``."""
+    patch = getattr(model, ATTR, None)
+    if patch is None:
+        raise ValueError(f"{type(model).__name__} is not patched by tokenmerge")
+    return patch
+
+
+def state(model: nn.Module) -> TokenState:
+    """Token state (sizes, sources, per-layer counts) of the latest forward in this thread."""
+    st = patch_of(model).state
+    if st is None:
+        raise ValueError("the patched model has not run a forward pass in this thread yet")
+    return st
+
+
+@contextmanager
+def patched(model: nn.Module, method: Method) -> Iterator[nn.Module]:
+    """``with tm.patched(model, tm.ToMe(r=8)): ...`` applies on entry and removes on exit."""
+    apply(model, method)
+    try:
+        yield model
+    finally:
+        remove(model)

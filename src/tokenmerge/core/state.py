@@ -1,0 +1,170 @@
+"""Per-forward token state and the signals a method may ask an adapter for.
+
+A :class:`TokenState` is created fresh at the first patched layer of every forward pass and is
+never shared between forwards, models or threads. It holds only what cannot be derived:
+the sizes, the map from original tokens to current ones (``source``), and which original
+tokens are protected. Positions, protected flags and the padding mask of the current tokens
+are derived from those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .reduction import Reduction
+
+
+@dataclass
+class TokenState:
+    """Token bookkeeping for one forward pass.
+
+    Attributes:
+        size: ``[B, N]`` how many original tokens each current token stands for; ``None``
+            until the first reduction (every size is 1). A size of 0 marks padding.
+        source: map from the original tokens to the current ones (composition of every step).
+        orig_protected: ``[B, N0]`` original tokens that must never be merged or dropped
+            (CLS, registers, distillation token, special text tokens).
+        grid: ``(h, w)`` of the original patch grid, when the tokens come from an image.
+        n_prefix: number of leading non-patch tokens in the original sequence.
+        tokens_per_layer: tokens per sample after each patched layer (``[B]`` tensors).
+        cache: scratch space that a method may use for the duration of this forward
+            (GTP's shrinking graph, for instance).
+    """
+
+    size: Tensor | None
+    source: Reduction
+    orig_protected: Tensor
+    grid: tuple[int, int] | None = None
+    n_prefix: int = 0
+    tokens_per_layer: list[Tensor] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def start(
+        x: Tensor,
+        protected: Tensor,
+        size: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+        n_prefix: int = 0,
+    ) -> TokenState:
+        """A fresh state for the token batch ``x`` (``[B, N, C]``)."""
+        b, n, _ = x.shape
+        return TokenState(
+            size=size,
+            source=Reduction.identity(b, n, x.device),
+            orig_protected=protected,
+            grid=grid,
+            n_prefix=n_prefix,
+        )
+
+    @property
+    def n_orig(self) -> int:
+        return self.source.n_in
+
+    @property
+    def pos(self) -> Tensor:
+        """``[B, N]`` original index of each current token's representative."""
+        return self.source.rep
+
+    @property
+    def protected(self) -> Tensor:
+        """``[B, N]`` current tokens that must not be merged or dropped."""
+        return self.orig_protected.gather(1, self.pos)
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N]`` current tokens that are real (not padding)."""
+        if self.size is None:
+            return torch.ones_like(self.pos, dtype=torch.bool)
+        return self.size > 0
+
+    @property
+    def counts(self) -> Tensor:
+        """``[B]`` number of real tokens per sample."""
+        return self.valid.sum(1)
+
+    def sizes(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The sizes, materialised (ones before the first reduction)."""
+        if self.size is None:
+            return torch.ones(self.pos.shape, dtype=dtype, device=self.pos.device)
+        return self.size.to(dtype)
+
+    def attn_bias(self, proportional: bool, dtype: torch.dtype) -> Tensor | None:
+        """Additive attention bias over keys, ``[B, 1, 1, N]``, or ``None`` if it would be 0.
+
+        Proportional attention (ToMe, eq. 1): ``softmax(q k^T / sqrt(d) + log s)``; padding
+        keys (size 0) get ``-inf`` either way. Returns ``None`` before any reduction so that the
+        unreduced model runs exactly as without tokenmerge.
+        """
+        if self.size is None:
+            return None
+        if proportional:
+            bias = self.size.to(dtype).log()
+        else:
+            if bool(self.valid.all()):
+                return None
+            bias = torch.zeros(self.size.shape, dtype=dtype, device=self.size.device)
+            bias = bias.masked_fill(~self.valid, -math.inf)
+        return bias[:, None, None, :]
+
+    def reduce(self, x: Tensor, red: Reduction) -> Tensor:
+        """Apply ``red`` to ``x`` and advance the state; returns the reduced features."""
+        y, self.size = red.apply(x, self.size)
+        self.source = self.source.compose(red)
+        return y
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """Spread current tokens ``y`` (``[B, N, C]``) back onto the original token grid."""
+        return self.source.unmerge(y)
+
+
+@dataclass
+class Signals:
+    """What one layer's attention exposes to a method, computed lazily.
+
+    Attributes:
+        x: ``[B, N, C]`` hidden states after the attention residual (what gets reduced).
+        q: ``[B, H, N, d]`` queries, when the method asked for them.
+        k: ``[B, H, N, d]`` keys.
+        scale: the attention's logit scale (``1/sqrt(d)`` for most models).
+        bias: the additive attention bias that was used at this layer (or ``None``).
+    """
+
+    x: Tensor
+    k: Tensor
+    q: Tensor | None = None
+    scale: float = 1.0
+    bias: Tensor | None = None
+
+    @cached_property
+    def metric(self) -> Tensor:
+        """ToMe's similarity metric: keys averaged over heads, ``[B, N, d]``."""
+        return self.k.mean(1)
+
+    @cached_property
+    def attn(self) -> Tensor:
+        """Attention probabilities ``[B, H, N, N]`` (computed explicitly: costs one QK^T)."""
+        if self.q is None:
+            raise RuntimeError("this method did not declare that it needs queries/attention")
+        logits = (self.q @ self.k.transpose(-2, -1)) * self.scale
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.softmax(-1)
+
+    @cached_property
+    def cls_attn(self) -> Tensor:
+        """Attention of the first token (CLS) to every token, averaged over heads: ``[B, N]``."""
+        if "attn" in self.__dict__:
+            return self.attn[:, :, 0].mean(1)
+        if self.q is None:
+            raise RuntimeError("this method did not declare that it needs queries/attention")
+        logits = (self.q[:, :, :1] @ self.k.transpose(-2, -1)) * self.scale
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.softmax(-1)[:, :, 0].mean(1)

@@ -1,0 +1,77 @@
+"""The method interface and the registry of methods by name.
+
+A method is a dataclass whose fields are its hyper-parameters (defaulting to its paper's
+values) plus ``r``, its budget (see :mod:`tokenmerge.core.budget`). It turns what one layer
+exposes (:class:`~tokenmerge.core.state.Signals`) and the token state into a
+:class:`~tokenmerge.core.reduction.Reduction`. It declares what it needs, so that the adapter
+captures queries or computes attention probabilities only when asked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..core.budget import Budget, BudgetLike, as_budget
+from ..core.reduction import Reduction
+from ..core.state import Signals, TokenState
+
+#: What a method may ask for: "keys" (always captured), "queries" (CLS or full attention).
+NEEDS = frozenset({"keys", "queries"})
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to :data:`REGISTRY` under ``cls.name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"a method named {cls.name!r} is already registered")
+    if not cls.needs <= NEEDS:
+        raise ValueError(f"{cls.__name__}.needs has unknown entries {set(cls.needs - NEEDS)}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Method(ABC):
+    """Base class of every token-reduction method.
+
+    Attributes:
+        r: the budget: an int (tokens removed per layer), ``(r, inflection)``, a per-layer
+            list, or a :class:`~tokenmerge.core.budget.Budget`.
+        prop_attn: proportional attention (``+log size`` on the attention logits). ``None``
+            takes the adapter's default for the model family.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
+
+    r: BudgetLike = 0
+    prop_attn: bool | None = None
+
+    def __post_init__(self) -> None:
+        as_budget(self.r)  # fail early on a malformed budget
+
+    @property
+    def budget(self) -> Budget:
+        return as_budget(self.r)
+
+    def max_r(self, n: int, n_protected: int) -> int:
+        """Most tokens one layer can remove from ``n`` tokens, ``n_protected`` of them protected."""
+        return max(n - n_protected - 1, 0)
+
+    @abstractmethod
+    def reduce(self, sig: Signals, state: TokenState, r: int, layer: int) -> Reduction | None:
+        """The reduction to apply after layer ``layer``'s attention, or ``None`` for none."""
+
+
+def get_method(name: str, **params) -> Method:
+    """Instantiate a registered method by name; unknown names list the registered ones."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}"
+        ) from None
+    return cls(**params)

@@ -24,7 +24,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
 
 from .flops import CostModel
 
@@ -215,7 +214,7 @@ class TargetFlops(Budget):
         )
 
 
-BudgetLike = Union[Budget, int, tuple, list]
+BudgetLike = Budget | int | tuple | list
 
 
 def as_budget(value: BudgetLike) -> Budget:

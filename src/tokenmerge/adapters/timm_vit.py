@@ -46,9 +46,10 @@ class TimmViT(Adapter):
     def target(self, model: nn.Module) -> Target:
         blocks = list(model.blocks)
         for i, b in enumerate(blocks):
-            if type(b).__name__ != "Block" or type(b.attn).__name__ != "Attention":
+            attn = type(getattr(b, "attn", None)).__name__
+            if type(b).__name__ != "Block" or attn != "Attention":
                 raise UnsupportedModelError(
-                    f"timm-vit: block {i} is {type(b).__name__} with {type(b.attn).__name__}; "
+                    f"timm-vit: block {i} is {type(b).__name__} with {attn}; "
                     "only timm's standard Block with Attention is supported (not ResPostBlock, "
                     "ParallelBlock, RoPE or differential attention)"
                 )

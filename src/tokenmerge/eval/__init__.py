@@ -1,0 +1,1 @@
+"""Evaluation helpers: the offline model zoo (`zoo`) and real-data loaders (`data`)."""

@@ -113,7 +113,7 @@ def test_unrecognised_block_is_refused_by_name():
 
 
 def test_unknown_method_name():
-    with pytest.raises(ValueError, match="registered methods: .*tome"):
+    with pytest.raises(ValueError, match=r"registered methods: .*tome"):
         tm.get_method("nope")
 
 

@@ -123,6 +123,7 @@ def test_invariants(n, kind, seed):
         sub = Reduction(red.index[i : i + 1], red.weight[i : i + 1], red.rep[i : i + 1], red.mode)
         yi, si = sub.apply(x[i : i + 1], size[i : i + 1])
         torch.testing.assert_close(yi, y[i : i + 1])
+        torch.testing.assert_close(si, s[i : i + 1])
 
 
 def test_dense_reference_for_soft_map():

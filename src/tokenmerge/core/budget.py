@@ -235,6 +235,48 @@ def as_budget(value: BudgetLike) -> Budget:
     )
 
 
+def parse_budget(text: str) -> Budget:
+    """Parse a budget from the command line.
+
+    Accepted: ``16`` (constant r), ``16:-1`` (r with inflection), ``8,8,16,...`` is not
+    accepted here (commas separate budgets on the CLI); use ``list:8/8/16`` for per-layer
+    values; ``keep:0.9``, ``tokens:64``, ``flops:0.5``.
+    """
+    kinds = {"keep": KeepRatio, "tokens": TargetTokens, "flops": TargetFlops}
+    t = text.strip()
+    try:
+        if ":" not in t:
+            return Constant(int(t))
+        kind, val = t.split(":", 1)
+        if kind in kinds:
+            return kinds[kind](float(val) if kind != "tokens" else int(val))
+        if kind == "list":
+            return PerLayer(tuple(int(v) for v in val.split("/")))
+        return Inflection(int(kind), float(val))
+    except ValueError as e:
+        raise ValueError(
+            f"cannot parse budget {text!r} ({e}); accepted forms: 16, 16:-1, list:8/8/16, "
+            "keep:0.9, tokens:64, flops:0.5"
+        ) from None
+
+
+def budget_label(b: Budget) -> str:
+    """Short label for reports (the inverse of :func:`parse_budget`)."""
+    if isinstance(b, Constant):
+        return f"r={b.r}"
+    if isinstance(b, Inflection):
+        return f"r={b.r},{b.inflection:+g}"
+    if isinstance(b, PerLayer):
+        return "r=" + "/".join(map(str, b.rs))
+    if isinstance(b, KeepRatio):
+        return f"keep={b.ratio:g}"
+    if isinstance(b, TargetTokens):
+        return f"tokens={b.tokens}"
+    if isinstance(b, TargetFlops):
+        return f"flops={b.ratio:g}"
+    return repr(b)
+
+
 @lru_cache(maxsize=256)
 def resolve(budget: Budget, n0: int, n_protected: int, cost: CostModel, max_r: MaxR) -> tuple:
     """Cached :meth:`Budget.schedule` (a pure function of its arguments)."""

@@ -1,0 +1,1 @@
+"""The ``tokenmerge`` command line."""

@@ -1,0 +1,211 @@
+"""``tokenmerge bench | visualize | list``: a thin layer over :mod:`tokenmerge.eval`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..adapters import UnsupportedModelError
+from ..core.budget import parse_budget
+
+QUICK = {"n": 96, "budgets": "8,16", "timing_runs": 3, "saliency_images": 16, "batch_size": 16}
+
+
+def _params(items: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``tome.prop_attn=false`` -> ``{"tome": {"prop_attn": False}}``."""
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        try:
+            key, raw = item.split("=", 1)
+            method, name = key.split(".", 1)
+        except ValueError:
+            raise SystemExit(f"--param expects METHOD.NAME=VALUE, got {item!r}") from None
+        low = raw.lower()
+        val: object = {"true": True, "false": False, "none": None}.get(low, raw)
+        if val is raw:
+            try:
+                val = float(raw) if "." in raw else int(raw)
+            except ValueError:
+                val = raw
+        out.setdefault(method, {})[name] = val
+    return out
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..eval import report
+    from ..eval.vision import TASKS, VisionBenchConfig, run
+    from ..methods import REGISTRY
+
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    methods = [m.strip() for m in (args.methods or "tome").split(",")]
+    for m in methods:
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
+    budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
+    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    cfg = VisionBenchConfig(
+        model=args.model,
+        backend=args.backend,
+        methods=methods,
+        budgets=budgets,
+        method_params=_params(args.param or []),
+        dataset=args.dataset,
+        n=args.n or 500,
+        batch_size=args.batch_size or 32,
+        timing_runs=args.timing_runs or 5,
+        saliency_images=args.saliency_images or 64,
+        seed=args.seed,
+        tasks=tasks,
+    )
+    total = cfg.n * (1 + len(methods) * len(budgets))
+    with tqdm(total=total, desc="bench", unit="img", file=sys.stderr) as bar:
+        result = run(cfg, bar.update)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"
+    meta = report.provenance(cfg.seed)
+    meta["config"] = {
+        "dataset": cfg.dataset,
+        "n": cfg.n,
+        "batch_size": cfg.batch_size,
+        "timing_runs": cfg.timing_runs,
+        "tasks": sorted(cfg.tasks),
+    }
+    meta["base"] = result["base"]
+    rows = result["rows"]
+    report.write_json(out / f"{stem}.json", meta, rows)
+    cols = [
+        ("method", "method"),
+        ("budget", "budget"),
+        ("throughput_ratio", "speed-up"),
+        ("flops_ratio", "FLOPs"),
+        ("cosine", "cos"),
+        ("cosine_p05", "cos p05"),
+        ("knn_acc", "k-NN"),
+        ("knn_agreement", "k-NN agree"),
+        ("probe_acc", "probe"),
+        ("agreement", "probe agree"),
+        ("agreement_se", "± se"),
+        ("saliency_r", "saliency r"),
+        ("saliency_iou", "top-10% IoU"),
+        ("tokens_per_layer", "tokens after each layer"),
+    ]
+    b = result["base"]
+    notes = (
+        f"{cfg.model} ({cfg.backend}), {cfg.dataset}, n={cfg.n}, batch {cfg.batch_size}. "
+        f"Unreduced: k-NN {b['knn_acc']:.3f}, probe {b['probe_acc']:.3f}. Speed-up is the "
+        "median of interleaved runs against the unpatched model with its fused attention.\n"
+    )
+    (out / f"{stem}.md").write_text(
+        report.markdown(rows, cols, meta, f"tokenmerge bench: {cfg.model}", notes)
+    )
+    if "speed" in cfg.tasks:
+        report.pareto_plot(
+            rows,
+            out / f"{stem}.png",
+            [
+                ("probe_acc", "linear-probe accuracy"),
+                ("knn_acc", "k-NN accuracy"),
+                ("cosine_p05", "CLS cosine, 5th percentile"),
+            ],
+            f"{cfg.model} on {cfg.dataset} (n={cfg.n}, CPU, batch {cfg.batch_size})",
+            base={"probe_acc": b["probe_acc"], "knn_acc": b["knn_acc"], "cosine_p05": 1.0},
+        )
+    print(f"wrote {out / stem}.json, .md" + (", .png" if "speed" in cfg.tasks else ""))
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..api import apply, state
+    from ..eval import zoo
+    from ..eval.visualize import save_overlay
+    from ..methods import get_method
+
+    vm = zoo.load_vision(args.model, backend=args.backend)
+    img = Image.open(args.image).convert("RGB")
+    pixels = vm.preprocess([img], resize="crop")
+    apply(vm.model, get_method(args.method, r=parse_budget(args.budget)))
+    with torch.inference_mode():
+        vm.tokens(pixels)
+    # the image exactly as the model saw it (undo the normalisation)
+    mean = torch.tensor(vm.mean).view(3, 1, 1)
+    std = torch.tensor(vm.std).view(3, 1, 1)
+    seen = ((pixels[0] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    out = args.out or str(Path(args.image).with_suffix("")) + f"-{args.method}.png"
+    save_overlay(np.ascontiguousarray(seen), state(vm.model), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ..api import supported_families
+    from ..methods import REGISTRY
+
+    print("methods:")
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:12s} {doc}")
+    print("model families:")
+    for line in supported_families():
+        print(f"  {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenmerge", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("bench", help="benchmark methods × budgets against the unreduced model")
+    b.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
+    b.add_argument("--backend", default="hf", choices=["hf", "timm"])
+    b.add_argument("--methods", help="comma-separated registered methods (default: tome)")
+    b.add_argument("--budgets", help="comma-separated budgets: 8, 16:-1, keep:0.9, flops:0.5")
+    b.add_argument("--param", action="append", help="METHOD.NAME=VALUE hyper-parameter")
+    b.add_argument("--tasks", help="comma-separated subset of cosine,knn,probe,saliency,speed")
+    b.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "textiles"])
+    b.add_argument("--n", type=int, help="images for the quality tasks (default 500)")
+    b.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    b.add_argument("--timing-runs", type=int, help="interleaved timing pairs (default 5)")
+    b.add_argument("--saliency-images", type=int, help="images for saliency (default 64)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="CI smoke test size (~2 min on 2 cores)")
+    b.add_argument("--out", default="docs/results", help="output folder")
+    b.add_argument("--name", help="file stem of the outputs (default: MODEL-BACKEND)")
+    b.set_defaults(func=_bench)
+
+    v = sub.add_parser("visualize", help="draw the merge groups of one image as a PNG")
+    v.add_argument("image")
+    v.add_argument("--method", default="tome")
+    v.add_argument("--budget", default="16")
+    v.add_argument("--model", default="dinov2-s")
+    v.add_argument("--backend", default="hf", choices=["hf", "timm"])
+    v.add_argument("--out", help="output PNG (default: IMAGE-METHOD.png)")
+    v.set_defaults(func=_visualize)
+
+    ls = sub.add_parser("list", help="list the registered methods and model families")
+    ls.set_defaults(func=_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, UnsupportedModelError) as e:
+        print(f"tokenmerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

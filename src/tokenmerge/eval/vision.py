@@ -1,0 +1,198 @@
+"""The vision benchmark: every method and budget against the unreduced model, in one process.
+
+For each configuration the same images go through the unpatched model and the patched one:
+
+- CLS-feature cosine (mean and 5th percentile);
+- leave-one-out k-NN accuracy (k = 20, cosine; bank and queries from the model under test);
+- a cross-fitted linear probe trained on the *unreduced* features;
+- decision agreement of k-NN and probe with the unreduced model, with standard errors;
+- saliency agreement: the real dense head is fed tokens unmerged back onto the patch grid
+  (Pearson r and IoU of the top 10% pixels against the unreduced heatmap);
+- measured throughput ratio against the unpatched model (interleaved runs, median);
+- analytic FLOPs ratio and the tokens reached at each layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..api import apply, patch_of, remove, state
+from ..core.budget import Budget, budget_label
+from ..methods.base import get_method
+from . import metrics as M
+from .throughput import compare
+
+TASKS = frozenset({"cosine", "knn", "probe", "saliency", "speed"})
+
+
+@dataclass
+class VisionBenchConfig:
+    """What to run. ``n`` images are used for every quality task."""
+
+    model: str = "dinov2-s"
+    backend: str = "hf"
+    methods: Sequence[str] = ("tome",)
+    budgets: Sequence[Budget] = ()
+    method_params: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    n: int = 500
+    batch_size: int = 32
+    timing_runs: int = 5
+    saliency_images: int = 64
+    seed: int = 0
+    tasks: frozenset[str] = TASKS
+
+
+@dataclass
+class _Pass:
+    cls: torch.Tensor  # [n, C]
+    heat: torch.Tensor | None  # [m, H, W]
+    tokens: list[float]  # mean tokens after each layer (empty for the unreduced model)
+
+
+def _load_data(name: str, n: int, seed: int) -> tuple[list[Any], np.ndarray]:
+    from . import data
+
+    if name == "fashion-mnist":
+        imgs, labels = data.fashion_mnist("test", n=n, seed=seed)
+        return data.to_rgb_pil(imgs), np.asarray(labels)
+    if name == "textiles":
+        imgs, labels, _ = data.textiles(n=n, seed=seed)
+        return list(imgs), np.asarray(labels)
+    raise ValueError(f"unknown dataset {name!r}; accepted: fashion-mnist, textiles")
+
+
+def _batches(n: int, bs: int) -> list[slice]:
+    return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+
+@torch.inference_mode()
+def _forward_all(
+    vm, pixels: torch.Tensor, decoder, n_sal: int, bs: int, patched: bool, tick: Callable
+) -> _Pass:
+    cls, heats, counts = [], [], []
+    for sl in _batches(len(pixels), bs):
+        tok = vm.tokens(pixels[sl])
+        cls.append(tok[:, 0].float())
+        if patched:
+            st = state(vm.model)
+            counts.append(torch.stack([c.float() for c in st.tokens_per_layer], 1))
+        if decoder is not None and sl.start < n_sal:
+            full = state(vm.model).unmerge(tok) if patched else tok
+            patches = full[:, vm.num_prefix_tokens :]
+            heats.append(decoder(patches)[: n_sal - sl.start])
+        tick(sl.stop - sl.start)
+    tokens = torch.cat(counts).mean(0).tolist() if counts else []
+    return _Pass(torch.cat(cls), torch.cat(heats) if heats else None, tokens)
+
+
+def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"rows": [...], "base": {...}}``."""
+    from . import zoo
+
+    tick = progress or (lambda k: None)
+    torch.manual_seed(cfg.seed)
+    vm = zoo.load_vision(cfg.model, backend=cfg.backend)
+    unknown = set(cfg.tasks) - TASKS
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; accepted: {sorted(TASKS)}")
+    want_sal = "saliency" in cfg.tasks and cfg.model == "dinov2-s"
+    decoder = zoo.load_saliency_decoder() if want_sal else None
+    images, labels = _load_data(cfg.dataset, cfg.n, cfg.seed)
+    pixels = vm.preprocess(images)
+    n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
+    y = torch.as_tensor(labels)
+
+    base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
+    knn_base = M.knn_predict(base.cls, y).numpy()
+    configs = [(m, b) for m in cfg.methods for b in cfg.budgets]
+    passes = []
+    for name, budget in configs:
+        method = get_method(name, r=budget, **cfg.method_params.get(name, {}))
+        apply(vm.model, method)
+        try:
+            passes.append(
+                (
+                    name,
+                    budget,
+                    method,
+                    _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick),
+                    patch_of(vm.model).target.cost,
+                )
+            )
+        finally:
+            remove(vm.model)
+
+    feats = [base.cls.numpy()] + [p[3].cls.numpy() for p in passes]
+    probe_preds = M.probe_predict(feats[0], labels, feats, seed=cfg.seed)
+    probe_base = probe_preds[0]
+    base_row = {
+        "knn_acc": M.proportion(knn_base == labels).value,
+        "probe_acc": M.proportion(probe_base == labels).value,
+        "cosine": 1.0,
+    }
+
+    def batch_of(bs: int) -> torch.Tensor:
+        idx = torch.arange(bs) % len(pixels)
+        return pixels[idx]
+
+    rows = []
+    for (name, budget, method, p, cost), probe in zip(passes, probe_preds[1:], strict=True):
+        knn = M.knn_predict(p.cls, y).numpy()
+        cos = M.cosine(p.cls, base.cls)
+        timing = None
+        if "speed" in cfg.tasks:
+            timing = compare(
+                vm.model,
+                method,
+                lambda m, x: vm.tokens(x),
+                batch_of,
+                batch_sizes=[cfg.batch_size],
+                runs=cfg.timing_runs,
+            )[0]
+        row = {
+            "model": cfg.model,
+            "backend": cfg.backend,
+            "dataset": cfg.dataset,
+            "n": len(labels),
+            "method": name,
+            "budget": budget_label(budget),
+            "params": {k: v for k, v in vars(method).items() if k != "r"}
+            | {"r": budget_label(budget)},
+            "batch_size": cfg.batch_size,
+            "tokens_per_layer": [round(t, 1) for t in p.tokens],
+            "flops_ratio": cost.ratio(_n_tokens(vm), p.tokens),
+            "throughput_ratio": timing and timing.ratio,
+            "base_items_per_s": timing and timing.base_items_per_s,
+            "items_per_s": timing and timing.reduced_items_per_s,
+            "cosine": float(cos.mean()),
+            "cosine_p05": float(np.percentile(cos, 5)),
+            "knn_acc": M.proportion(knn == labels).value,
+            "knn_acc_base": base_row["knn_acc"],
+            "knn_drop": -M.paired_difference(knn == labels, knn_base == labels).value,
+            "knn_drop_se": M.paired_difference(knn == labels, knn_base == labels).se,
+            "knn_agreement": M.proportion(knn == knn_base).value,
+            "knn_agreement_se": M.proportion(knn == knn_base).se,
+            "probe_acc": M.proportion(probe == labels).value,
+            "probe_acc_base": base_row["probe_acc"],
+            "probe_drop": -M.paired_difference(probe == labels, probe_base == labels).value,
+            "probe_drop_se": M.paired_difference(probe == labels, probe_base == labels).se,
+            "agreement": M.proportion(probe == probe_base).value,
+            "agreement_se": M.proportion(probe == probe_base).se,
+            "saliency_r": None,
+            "saliency_iou": None,
+        }
+        if p.heat is not None:
+            row["saliency_r"] = float(M.pearson(p.heat, base.heat).mean())
+            row["saliency_iou"] = float(M.top_iou(p.heat, base.heat).mean())
+        rows.append(row)
+    return {"rows": rows, "base": base_row}
+
+
+def _n_tokens(vm) -> int:
+    return vm.grid * vm.grid + vm.num_prefix_tokens

@@ -10,10 +10,6 @@ import tokenmerge as tm
 from tokenmerge.methods import REGISTRY
 
 
-def _default(method_cls, r):
-    return method_cls(r=r)
-
-
 @all_models
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 @torch.no_grad()
@@ -21,12 +17,12 @@ def test_zero_budget_is_bit_identical_and_remove_restores(name, method):
     model, run = make(name)
     x = images()
     ref = run(model, x)
-    tm.apply(model, _default(REGISTRY[method], 0))
+    tm.apply(model, REGISTRY[method].example(0))
     assert torch.equal(run(model, x), ref)
     tm.remove(model)
     assert torch.equal(run(model, x), ref)
     # a real reduction, then removal: identical again
-    tm.apply(model, _default(REGISTRY[method], 4))
+    tm.apply(model, REGISTRY[method].example(4))
     reduced = run(model, x)
     assert reduced.shape == ref.shape
     tm.remove(model)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..core.budget import resolve
 from ..core.flops import CostModel
 from ..core.state import Signals, TokenState
-from ..methods.base import Method
+from ..methods.base import Method, has_work
 
 ATTR = "_tokenmerge_patch"
 
@@ -77,6 +77,11 @@ class Target:
     extra_patches: list[tuple[object, str, Callable[[Patch], Any]]] = field(default_factory=list)
     # (module, factory(patch) -> hook): forward pre-hooks with kwargs (e.g. pooling heads)
     pre_hooks: list[tuple[nn.Module, Callable[[Patch], Callable]]] = field(default_factory=list)
+    # Text models: the module whose forward arguments (input_ids, attention_mask) are recorded
+    # for ``init``, and ``init(x, inputs) -> (protected [B, N], size [B, N] or None)`` that
+    # replaces the default "the first n_prefix tokens are protected, no padding".
+    inputs_from: nn.Module | None = None
+    init: Callable[[Tensor, dict[str, Any]], tuple[Tensor, Tensor | None]] | None = None
 
 
 class Adapter(ABC):
@@ -114,10 +119,14 @@ def check_blocks(blocks: list[nn.Module], expected: str, family: str) -> None:
 
 @dataclass
 class _Run:
-    """One forward pass: its token state and budget schedule."""
+    """One forward pass: its token state and budget schedule.
+
+    ``schedule[l]`` is an int when every sample has the same length, else a ``[B]`` tensor
+    (padded text batches: each sequence gets the schedule of its own length).
+    """
 
     state: TokenState
-    schedule: tuple[int, ...]
+    schedule: list[int | Tensor]
     reduced: bool = False
 
 
@@ -131,6 +140,9 @@ class Patch:
         self.prop_attn = target.prop_attn if method.prop_attn is None else method.prop_attn
         self._run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
             f"tokenmerge_run_{id(self)}", default=None
+        )
+        self._inputs: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+            f"tokenmerge_inputs_{id(self)}", default=None
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
@@ -146,6 +158,12 @@ class Patch:
                 self._handles.append(spec.q(block).register_forward_hook(_capture("q")))
         for obj, attr, factory in self.target.extra_patches:
             self._override(obj, attr, factory(self))
+        if self.target.inputs_from is not None:
+            self._handles.append(
+                self.target.inputs_from.register_forward_pre_hook(
+                    self._record_inputs, with_kwargs=True
+                )
+            )
         for module, factory in self.target.pre_hooks:
             self._handles.append(module.register_forward_pre_hook(factory(self), with_kwargs=True))
         setattr(self.model, ATTR, self)
@@ -175,21 +193,41 @@ class Patch:
         run = self._run.get()
         return None if run is None else run.state
 
+    def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._inputs.set({"args": args, **kwargs})
+
     def _start(self, x: Tensor) -> _Run:
         b, n, _ = x.shape
-        p = min(self.target.n_prefix, n)
-        protected = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-        protected[:, :p] = True
-        grid = self.target.grid(n - p)
-        state = TokenState.start(x, protected, grid=grid, n_prefix=p)
-        budget = self.method.budget
-        if budget.is_zero:
-            schedule = (0,) * len(self.target.blocks)
+        if self.target.init is not None:
+            protected, size = self.target.init(x, self._inputs.get() or {})
         else:
-            schedule = resolve(budget, n, p, self.target.cost, self.method.max_r)
-        run = _Run(state, schedule)
+            protected = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+            protected[:, : min(self.target.n_prefix, n)] = True
+            size = None
+        p = min(self.target.n_prefix, n)
+        state = TokenState.start(x, protected, size=size, grid=self.target.grid(n - p), n_prefix=p)
+        run = _Run(state, self._schedule(state))
         self._run.set(run)
         return run
+
+    def _schedule(self, st: TokenState) -> list[int | Tensor]:
+        depth, budget = len(self.target.blocks), self.method.budget
+        if budget.is_zero:
+            return [0] * depth
+        lengths = st.counts.tolist()
+        n_prot = (st.protected & st.valid).sum(1).tolist()
+        min_tokens = self.method.min_tokens
+
+        def one(n: int, p: int) -> tuple[int, ...]:
+            if n < min_tokens:
+                return (0,) * depth
+            return resolve(budget, n, p, self.target.cost, self.method.max_r)
+
+        rows = {(n, p): one(n, p) for n, p in zip(lengths, n_prot, strict=True)}
+        if len(rows) == 1:
+            return list(next(iter(rows.values())))
+        per = torch.tensor([rows[n, p] for n, p in zip(lengths, n_prot, strict=True)])
+        return list(per.T.to(st.pos.device))
 
     def _make_forward(self, block: nn.Module, i: int) -> Callable[..., Tensor]:
         spec, method = self.target.spec, self.method
@@ -210,7 +248,7 @@ class Patch:
             finally:
                 _CAPTURE.reset(token)
             r = run.schedule[i]
-            if r > 0 or getattr(method, "dynamic", False):
+            if method.dynamic or has_work(r):
                 sig = Signals(
                     x=h,
                     k=_heads(cap["k"], spec.layout, spec.heads(block)),

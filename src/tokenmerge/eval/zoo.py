@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -324,9 +324,20 @@ def _dinov2_state_dict() -> dict[str, torch.Tensor]:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     save_file(sd, str(tmp), metadata={"source_sha256": _DINOV2_ONNX.sha256})
+    os.chmod(tmp, 0o644)  # the writer creates it private; a cache may be shared
     os.replace(tmp, cached)
     _atomic_write_json(record, {"sha256": sha256_file(cached), "source": _DINOV2_ONNX.sha256})
     return sd
+
+
+def _load_exact(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load every parameter and buffer of a model built on the meta device (then `to_empty`),
+    so no tensor is left uninitialised."""
+    if set(dict(model.named_buffers())) - set(weights):
+        raise AssetError("the model has buffers that the converted weights do not fill")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise AssetError(f"Conversion mismatch: missing={missing}, unexpected={unexpected}")
 
 
 def _hf_dinov2(sd: dict[str, torch.Tensor]) -> nn.Module:
@@ -342,7 +353,9 @@ def _hf_dinov2(sd: dict[str, torch.Tensor]) -> nn.Module:
         layer_norm_eps=1e-6,
         layerscale_value=1.0,
     )
-    model = transformers.Dinov2Model(config)
+    with torch.device("meta"):  # skip the random init of weights that are overwritten anyway
+        model = transformers.Dinov2Model(config)
+    model = model.to_empty(device="cpu")
     target = set(model.state_dict())
     weights = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     if "encoder.layer.0.attention.q_proj.weight" in target:
@@ -355,9 +368,9 @@ def _hf_dinov2(sd: dict[str, torch.Tensor]) -> nn.Module:
         }
         for old, new in renames.items():
             weights = {k.replace(old, new): v for k, v in weights.items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if set(missing) != {"embeddings.mask_token"} or unexpected:
-        raise AssetError(f"DINOv2 conversion mismatch: missing={missing}, unexpected={unexpected}")
+    # mask_token (used only for masked-image pretraining) is not in the ONNX file.
+    weights["embeddings.mask_token"] = torch.zeros_like(model.embeddings.mask_token)
+    _load_exact(model, weights)
     return model.eval()
 
 
@@ -380,13 +393,15 @@ def _timm_dinov2(sd: dict[str, torch.Tensor], img_size: int) -> nn.Module:
     sizes still work (``dynamic_img_size=True``) but then follow timm's resampling.
     """
     timm = _require("timm")
-    model = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        num_classes=0,
-        img_size=img_size,
-        dynamic_img_size=True,
-    )
+    with torch.device("meta"):
+        model = timm.create_model(
+            "vit_small_patch14_dinov2",
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            dynamic_img_size=True,
+        )
+    model = model.to_empty(device="cpu")
     b = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     grid = img_size // _DINOV2_PATCH
     pos = b["embeddings.position_embeddings"]
@@ -410,7 +425,7 @@ def _timm_dinov2(sd: dict[str, torch.Tensor], img_size: int) -> nn.Module:
                 out[t + n + "." + part] = b[s + n + "." + part]
         out[t + "ls1.gamma"] = b[s + "layer_scale1.lambda1"]
         out[t + "ls2.gamma"] = b[s + "layer_scale2.lambda1"]
-    model.load_state_dict(out, strict=True)
+    _load_exact(model, out)
     return model.eval()
 
 
@@ -552,7 +567,6 @@ class VisionModel:
     patch_size: int | None = _DINOV2_PATCH
     num_prefix_tokens: int = 1
     resize: str = "letterbox"  # default fitting mode of `preprocess`
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grid(self) -> int | None:
@@ -606,8 +620,8 @@ def _hub_vision(kind: str, name: str) -> VisionModel:
             name=f"timm:{name}",
             model=model,
             image_size=int(cfg["input_size"][-1]),
-            mean=tuple(cfg["mean"]),
-            std=tuple(cfg["std"]),
+            mean=_triple(cfg["mean"]),
+            std=_triple(cfg["std"]),
             backend="timm",
             patch_size=int(patch[0]) if patch is not None else None,
             num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
@@ -618,41 +632,74 @@ def _hub_vision(kind: str, name: str) -> VisionModel:
     # CLIP / SigLIP style dual encoders: keep the vision tower.
     model = getattr(model, "vision_model", model).eval()
     proc = transformers.AutoImageProcessor.from_pretrained(name)
-    size = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
-    image_size = size.get("height") or size.get("shortest_edge") or 224
+    image_size, resize = _hf_input_size(proc)
     vcfg = getattr(model.config, "vision_config", model.config)
     return VisionModel(
         name=f"hf:{name}",
         model=model,
-        image_size=int(image_size),
-        mean=tuple(getattr(proc, "image_mean", IMAGENET_MEAN)),
-        std=tuple(getattr(proc, "image_std", IMAGENET_STD)),
+        image_size=image_size,
+        mean=_triple(getattr(proc, "image_mean", None) or IMAGENET_MEAN),
+        std=_triple(getattr(proc, "image_std", None) or IMAGENET_STD),
         backend="hf",
         patch_size=getattr(vcfg, "patch_size", None),
-        resize="crop",
+        resize=resize,
     )
 
 
-def load_vision(name: str = "dinov2-s", backend: str = "hf") -> VisionModel:
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)
+
+
+def _hf_input_size(proc: Any) -> tuple[int, str]:
+    """Input side and fitting mode from a transformers image processor: a crop size means
+    "resize the short side, then centre crop", a plain height/width means "squash"."""
+    for attr, mode in (("crop_size", "crop"), ("size", "squash")):
+        size = getattr(proc, attr, None)
+        if isinstance(size, int):
+            return size, mode
+        if size is None:
+            continue
+        for key in ("height", "shortest_edge", "longest_edge"):
+            value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+            if value:
+                return int(value), "crop" if key == "shortest_edge" else mode
+    return 224, "crop"
+
+
+def load_vision(
+    name: str = "dinov2-s", backend: str = "hf", image_size: int | None = None
+) -> VisionModel:
     """Load a vision transformer.
 
     ``dinov2-s`` (offline; `backend` ``"hf"`` -> transformers ``Dinov2Model``, ``"timm"`` ->
     timm ``VisionTransformer``), ``timm:NAME`` or ``hf:NAME`` (hub; the prefix fixes the
     backend and `backend` is ignored).
+
+    `image_size` (``dinov2-s`` only, a multiple of 14; default 224, the ONNX model's size) sets
+    the size `preprocess` produces. Both backends accept other sizes at run time, but timm then
+    resamples its position table with antialiasing, so load the timm model at the size you run
+    it at to keep it equal to the transformers model.
     """
     hub = _split_hub(name)
     if hub is not None:
+        if image_size is not None:
+            raise ValueError("image_size applies to 'dinov2-s' only")
         return _hub_vision(*hub)
     if name != "dinov2-s":
         raise KeyError(f"Unknown vision model {name!r}; use 'dinov2-s', 'timm:NAME' or 'hf:NAME'")
     if backend not in ("hf", "timm"):
         raise ValueError(f"backend must be 'hf' or 'timm', got {backend!r}")
+    size = _DINOV2_IMAGE_SIZE if image_size is None else int(image_size)
+    if size <= 0 or size % _DINOV2_PATCH:
+        raise ValueError(f"image_size must be a positive multiple of {_DINOV2_PATCH}, got {size}")
+    _require("transformers" if backend == "hf" else "timm")  # fail before converting anything
     sd = _dinov2_state_dict()
-    model = _hf_dinov2(sd) if backend == "hf" else _timm_dinov2(sd, _DINOV2_IMAGE_SIZE)
+    model = _hf_dinov2(sd) if backend == "hf" else _timm_dinov2(sd, size)
     return VisionModel(
         name=name,
         model=model,
-        image_size=_DINOV2_IMAGE_SIZE,
+        image_size=size,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         backend=backend,
@@ -688,15 +735,16 @@ def load_text(name: str = "minilm") -> tuple[nn.Module, Any]:
 
 def load_sentence_transformer(name: str = "minilm") -> Any:
     """A ``sentence_transformers.SentenceTransformer`` on CPU: ``minilm`` or ``hf:NAME``."""
-    st = _require("sentence_transformers")
     hub = _split_hub(name)
     if hub is not None:
         if hub[0] != "hf":
             raise ValueError(f"{name!r}: sentence transformers come from 'hf:NAME'")
-        return st.SentenceTransformer(hub[1], device="cpu")
-    if name != "minilm":
+        src = hub[1]
+    elif name == "minilm":
+        src = str(_minilm_dir())  # checked before the (slow) sentence-transformers import
+    else:
         raise KeyError(f"Unknown sentence transformer {name!r}; use 'minilm' or 'hf:NAME'")
-    return st.SentenceTransformer(str(_minilm_dir()), device="cpu")
+    return _require("sentence_transformers").SentenceTransformer(src, device="cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,16 +781,28 @@ def _convert_smollm2(gguf: Path, folder: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), dtype=torch.float32, **kwargs
     )
+    # The GGUF quantizer refuses save_pretrained although the weights are already plain float32:
+    # copy them into a fresh, unquantised model of the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    del model
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache may be shared
     try:
-        model.save_pretrained(str(tmp))
+        plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         files = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         _atomic_write_json(tmp / _MANIFEST, {"source_sha256": _SMOLLM2_GGUF.sha256, "files": files})
         if folder.exists():
+            if _cache_is_valid(folder, _SMOLLM2_GGUF.sha256):
+                return  # another process finished the same conversion first
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:

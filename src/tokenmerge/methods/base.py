@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor
+
 from ..core.budget import Budget, BudgetLike, as_budget
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
@@ -39,19 +41,34 @@ class Method(ABC):
 
     Attributes:
         r: the budget: an int (tokens removed per layer), ``(r, inflection)``, a per-layer
-            list, or a :class:`~tokenmerge.core.budget.Budget`.
+            list, or a :class:`~tokenmerge.core.budget.Budget`. In a padded batch each sample
+            gets the schedule of its own length.
         prop_attn: proportional attention (``+log size`` on the attention logits). ``None``
             takes the adapter's default for the model family.
+        min_tokens: samples with fewer real tokens than this are left unreduced (short
+            sentences gain nothing from merging).
     """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset({"keys"})
+    #: True for methods whose token count is data-dependent (thresholds): ``reduce`` is then
+    #: called at every layer, whatever the schedule says.
+    dynamic: ClassVar[bool] = False
 
     r: BudgetLike = 0
     prop_attn: bool | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         as_budget(self.r)  # fail early on a malformed budget
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+    @classmethod
+    def example(cls, r: int) -> Method:
+        """An instance for the test matrix at budget ``r`` (methods needing calibration or
+        extra inputs override this)."""
+        return cls(r=r)
 
     @property
     def budget(self) -> Budget:
@@ -62,8 +79,19 @@ class Method(ABC):
         return max(n - n_protected - 1, 0)
 
     @abstractmethod
-    def reduce(self, sig: Signals, state: TokenState, r: int, layer: int) -> Reduction | None:
-        """The reduction to apply after layer ``layer``'s attention, or ``None`` for none."""
+    def reduce(
+        self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
+    ) -> Reduction | None:
+        """The reduction to apply after layer ``layer``'s attention, or ``None`` for none.
+
+        ``r`` is the number of tokens to remove: an int, or a ``[B]`` tensor when samples in a
+        padded batch have different lengths.
+        """
+
+
+def has_work(r: int | Tensor) -> bool:
+    """Whether a (possibly per-sample) budget removes anything."""
+    return bool((r > 0).any()) if isinstance(r, Tensor) else r > 0
 
 
 def get_method(name: str, **params) -> Method:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor
+
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, register
+from .base import Method, has_work, register
 from .matching import bipartite_targets
 
 
@@ -35,8 +37,10 @@ class ToMe(Method):
     def max_r(self, n: int, n_protected: int) -> int:
         return max((n - n_protected) // 2, 0)
 
-    def reduce(self, sig: Signals, state: TokenState, r: int, layer: int) -> Reduction | None:
-        if r <= 0:
+    def reduce(
+        self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
+    ) -> Reduction | None:
+        if not has_work(r):
             return None
         mergeable = state.valid & ~state.protected
         return Reduction.from_targets(bipartite_targets(sig.metric, mergeable, r))

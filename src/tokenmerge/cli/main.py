@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,10 +11,8 @@ from pathlib import Path
 from ..adapters import UnsupportedModelError
 from ..core.budget import parse_budget
 
-QUICK = {"n": 96, "budgets": "8,16", "timing_runs": 3, "saliency_images": 16, "batch_size": 16}
 
-
-def _params(items: Sequence[str]) -> dict[str, dict[str, object]]:
+def parse_params(items: Sequence[str]) -> dict[str, dict[str, object]]:
     """``tome.prop_attn=false`` -> ``{"tome": {"prop_attn": False}}``."""
     out: dict[str, dict[str, object]] = {}
     for item in items:
@@ -33,93 +32,18 @@ def _params(items: Sequence[str]) -> dict[str, dict[str, object]]:
     return out
 
 
+#: The kind of benchmark each zoo model gets; hub names need ``--kind``.
+KINDS = {"dinov2-s": "vision", "minilm": "text", "smollm2-135m": "llm"}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..eval import report
-    from ..eval.vision import TASKS, VisionBenchConfig, run
-    from ..methods import REGISTRY
-
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    methods = [m.strip() for m in (args.methods or "tome").split(",")]
-    for m in methods:
-        if m not in REGISTRY:
-            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
-    budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
-    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
-    cfg = VisionBenchConfig(
-        model=args.model,
-        backend=args.backend,
-        methods=methods,
-        budgets=budgets,
-        method_params=_params(args.param or []),
-        dataset=args.dataset,
-        n=args.n or 500,
-        batch_size=args.batch_size or 32,
-        timing_runs=args.timing_runs or 5,
-        saliency_images=args.saliency_images or 64,
-        seed=args.seed,
-        tasks=tasks,
-    )
-    total = cfg.n * (1 + len(methods) * len(budgets))
-    with tqdm(total=total, desc="bench", unit="img", file=sys.stderr) as bar:
-        result = run(cfg, bar.update)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"
-    meta = report.provenance(cfg.seed)
-    meta["config"] = {
-        "dataset": cfg.dataset,
-        "n": cfg.n,
-        "batch_size": cfg.batch_size,
-        "timing_runs": cfg.timing_runs,
-        "tasks": sorted(cfg.tasks),
-    }
-    meta["base"] = result["base"]
-    rows = result["rows"]
-    report.write_json(out / f"{stem}.json", meta, rows)
-    cols = [
-        ("method", "method"),
-        ("budget", "budget"),
-        ("throughput_ratio", "speed-up"),
-        ("flops_ratio", "FLOPs"),
-        ("cosine", "cos"),
-        ("cosine_p05", "cos p05"),
-        ("knn_acc", "k-NN"),
-        ("knn_agreement", "k-NN agree"),
-        ("probe_acc", "probe"),
-        ("agreement", "probe agree"),
-        ("agreement_se", "± se"),
-        ("saliency_r", "saliency r"),
-        ("saliency_iou", "top-10% IoU"),
-        ("tokens_per_layer", "tokens after each layer"),
-    ]
-    b = result["base"]
-    notes = (
-        f"{cfg.model} ({cfg.backend}), {cfg.dataset}, n={cfg.n}, batch {cfg.batch_size}. "
-        f"Unreduced: k-NN {b['knn_acc']:.3f}, probe {b['probe_acc']:.3f}. Speed-up is the "
-        "median of interleaved runs against the unpatched model with its fused attention.\n"
-    )
-    (out / f"{stem}.md").write_text(
-        report.markdown(rows, cols, meta, f"tokenmerge bench: {cfg.model}", notes)
-    )
-    if "speed" in cfg.tasks:
-        report.pareto_plot(
-            rows,
-            out / f"{stem}.png",
-            [
-                ("probe_acc", "linear-probe accuracy"),
-                ("knn_acc", "k-NN accuracy"),
-                ("cosine_p05", "CLS cosine, 5th percentile"),
-            ],
-            f"{cfg.model} on {cfg.dataset} (n={cfg.n}, CPU, batch {cfg.batch_size})",
-            base={"probe_acc": b["probe_acc"], "knn_acc": b["knn_acc"], "cosine_p05": 1.0},
+    kind = args.kind or KINDS.get(args.model)
+    if kind is None:
+        raise SystemExit(
+            f"cannot tell what kind of model {args.model!r} is; pass --kind vision|text|llm"
         )
-    print(f"wrote {out / stem}.json, .md" + (", .png" if "speed" in cfg.tasks else ""))
-    return 0
+    module = importlib.import_module(f"tokenmerge.eval.{kind}")
+    return module.cli_main(args)
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -168,18 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark methods × budgets against the unreduced model")
     b.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
+    b.add_argument("--kind", choices=["vision", "text", "llm"], help="needed for hub names")
     b.add_argument("--backend", default="hf", choices=["hf", "timm"])
     b.add_argument("--methods", help="comma-separated registered methods (default: tome)")
     b.add_argument("--budgets", help="comma-separated budgets: 8, 16:-1, keep:0.9, flops:0.5")
+    b.add_argument("--quick", action="store_true", help="CI smoke-test size (minutes on 2 cores)")
     b.add_argument("--param", action="append", help="METHOD.NAME=VALUE hyper-parameter")
     b.add_argument("--tasks", help="comma-separated subset of cosine,knn,probe,saliency,speed")
-    b.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "textiles"])
-    b.add_argument("--n", type=int, help="images for the quality tasks (default 500)")
-    b.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    b.add_argument("--dataset", help="data set (vision: fashion-mnist or textiles)")
+    b.add_argument("--n", type=int, help="samples for the quality tasks")
+    b.add_argument("--batch-size", type=int, help="batch size")
     b.add_argument("--timing-runs", type=int, help="interleaved timing pairs (default 5)")
-    b.add_argument("--saliency-images", type=int, help="images for saliency (default 64)")
+    b.add_argument("--saliency-images", type=int, help="vision: images for saliency (default 64)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--quick", action="store_true", help="CI smoke test size (~2 min on 2 cores)")
     b.add_argument("--out", default="docs/results", help="output folder")
     b.add_argument("--name", help="file stem of the outputs (default: MODEL-BACKEND)")
     b.set_defaults(func=_bench)

@@ -14,8 +14,11 @@ For each configuration the same images go through the unpatched model and the pa
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from ..methods.base import get_method
 from . import metrics as M
 from .throughput import compare
 
+QUICK = {"n": 96, "budgets": "8,16", "timing_runs": 3, "saliency_images": 16, "batch_size": 16}
 TASKS = frozenset({"cosine", "knn", "probe", "saliency", "speed"})
 
 
@@ -196,3 +200,94 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
 
 def _n_tokens(vm) -> int:
     return vm.grid * vm.grid + vm.num_prefix_tokens
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``tokenmerge bench`` for vision models (called by the CLI)."""
+    from tqdm import tqdm
+
+    from ..cli.main import parse_params
+    from ..core.budget import parse_budget
+    from ..methods import REGISTRY
+    from . import report
+
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    methods = [m.strip() for m in (args.methods or "tome").split(",")]
+    for m in methods:
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
+    budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
+    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    cfg = VisionBenchConfig(
+        model=args.model,
+        backend=args.backend,
+        methods=methods,
+        budgets=budgets,
+        method_params=parse_params(args.param or []),
+        dataset=args.dataset or "fashion-mnist",
+        n=args.n or 500,
+        batch_size=args.batch_size or 32,
+        timing_runs=args.timing_runs or 5,
+        saliency_images=args.saliency_images or 64,
+        seed=args.seed,
+        tasks=tasks,
+    )
+    total = cfg.n * (1 + len(methods) * len(budgets))
+    with tqdm(total=total, desc="bench", unit="img", file=sys.stderr) as bar:
+        result = run(cfg, bar.update)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"
+    meta = report.provenance(cfg.seed)
+    meta["config"] = {
+        "dataset": cfg.dataset,
+        "n": cfg.n,
+        "batch_size": cfg.batch_size,
+        "timing_runs": cfg.timing_runs,
+        "tasks": sorted(cfg.tasks),
+    }
+    meta["base"] = result["base"]
+    rows = result["rows"]
+    report.write_json(out / f"{stem}.json", meta, rows)
+    cols = [
+        ("method", "method"),
+        ("budget", "budget"),
+        ("throughput_ratio", "speed-up"),
+        ("flops_ratio", "FLOPs"),
+        ("cosine", "cos"),
+        ("cosine_p05", "cos p05"),
+        ("knn_acc", "k-NN"),
+        ("knn_agreement", "k-NN agree"),
+        ("probe_acc", "probe"),
+        ("agreement", "probe agree"),
+        ("agreement_se", "± se"),
+        ("saliency_r", "saliency r"),
+        ("saliency_iou", "top-10% IoU"),
+        ("tokens_per_layer", "tokens after each layer"),
+    ]
+    b = result["base"]
+    notes = (
+        f"{cfg.model} ({cfg.backend}), {cfg.dataset}, n={cfg.n}, batch {cfg.batch_size}. "
+        f"Unreduced: k-NN {b['knn_acc']:.3f}, probe {b['probe_acc']:.3f}. Speed-up is the "
+        "median of interleaved runs against the unpatched model with its fused attention.\n"
+    )
+    (out / f"{stem}.md").write_text(
+        report.markdown(rows, cols, meta, f"tokenmerge bench: {cfg.model}", notes)
+    )
+    if "speed" in cfg.tasks:
+        report.pareto_plot(
+            rows,
+            out / f"{stem}.png",
+            [
+                ("probe_acc", "linear-probe accuracy"),
+                ("knn_acc", "k-NN accuracy"),
+                ("cosine_p05", "CLS cosine, 5th percentile"),
+            ],
+            f"{cfg.model} on {cfg.dataset} (n={cfg.n}, CPU, batch {cfg.batch_size})",
+            base={"probe_acc": b["probe_acc"], "knn_acc": b["knn_acc"], "cosine_p05": 1.0},
+        )
+    print(f"wrote {out / stem}.json, .md" + (", .png" if "speed" in cfg.tasks else ""))
+    return 0

@@ -34,6 +34,12 @@ def apply(model: nn.Module, method: Method) -> nn.Module:
         )
     for adapter in ADAPTERS:
         if adapter.matches(model):
+            if method.site not in adapter.sites:
+                raise ValueError(
+                    f"{type(method).__name__} acts at the {method.site!r} site, which the "
+                    f"{adapter.family} adapter does not offer (it offers "
+                    f"{', '.join(sorted(adapter.sites))})"
+                )
             patch = Patch(model, method, adapter.target(model))
             patch.install()
             return model

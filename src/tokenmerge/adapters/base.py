@@ -89,6 +89,7 @@ class Adapter(ABC):
 
     family: str
     description: str
+    sites: frozenset[str] = frozenset({"block"})
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:

@@ -22,6 +22,11 @@ from ..core.state import Signals, TokenState
 #: What a method may ask for: "keys" (always captured), "queries" (CLS or full attention).
 NEEDS = frozenset({"keys", "queries"})
 
+#: Where a reduction acts (DESIGN.md, "Sites"): "block" = inside an encoder block between
+#: attention and MLP; "decoder" = LLM hidden states at layer K; "kv" = the KV cache;
+#: "projector" = encoder output before an LLM.
+SITES = frozenset({"block", "decoder", "kv", "projector"})
+
 REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -29,6 +34,8 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a method to :data:`REGISTRY` under ``cls.name``."""
     if cls.name in REGISTRY:
         raise ValueError(f"a method named {cls.name!r} is already registered")
+    if cls.site not in SITES:
+        raise ValueError(f"{cls.__name__}.site must be one of {sorted(SITES)}")
     if not cls.needs <= NEEDS:
         raise ValueError(f"{cls.__name__}.needs has unknown entries {set(cls.needs - NEEDS)}")
     REGISTRY[cls.name] = cls
@@ -50,6 +57,7 @@ class Method(ABC):
     """
 
     name: ClassVar[str]
+    site: ClassVar[str] = "block"
     needs: ClassVar[frozenset[str]] = frozenset({"keys"})
     #: True for methods whose token count is data-dependent (thresholds): ``reduce`` is then
     #: called at every layer, whatever the schedule says.

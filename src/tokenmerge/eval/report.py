@@ -51,17 +51,27 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _cell(row: dict[str, Any], key: str | tuple[str, str]) -> str:
+    if isinstance(key, tuple):  # (value, standard error)
+        v, se = row.get(key[0]), row.get(key[1])
+        return "" if v is None else f"{v:.3f} ± {se:.3f}"
+    return _fmt(row.get(key))
+
+
 def markdown(
     rows: list[dict[str, Any]],
-    columns: list[tuple[str, str]],
+    columns: list[tuple[str | tuple[str, str], str]],
     meta: dict[str, Any],
     title: str,
     notes: str = "",
 ) -> str:
-    """A Markdown table of ``rows`` with ``(key, header)`` columns and a provenance footer."""
+    """A Markdown table of ``rows`` with ``(key, header)`` columns and a provenance footer.
+
+    A key may be a ``(value_key, se_key)`` pair, shown as ``value ± se``.
+    """
     head = "| " + " | ".join(h for _, h in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r, k) for k, _ in columns) + " |" for r in rows]
     v = meta["versions"]
     foot = (
         f"\nGenerated {meta['date']} by `{meta['command']}` (seed {meta['seed']}) on "

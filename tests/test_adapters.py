@@ -65,6 +65,19 @@ def test_batch_independence(name):
 
 
 @torch.no_grad()
+def test_summary_reports_counts_and_flops():
+    model, run = make("hf-vit-sdpa")
+    with tm.patched(model, tm.ToMe(r=8)):
+        run(model, images())
+        s = tm.summary(model)
+        cost = tm.patch_of(model).target.cost
+    assert s["tokens_in"] == 65 and s["tokens_per_layer"] == [57.0, 49.0, 41.0]
+    assert s["tokens_per_layer_std"] == [0.0, 0.0, 0.0]
+    by_hand = sum(cost.layer_flops(n, m) for n, m in [(65, 57), (57, 49), (49, 41)])
+    assert abs(s["flops_ratio"] - by_hand / (3 * cost.layer_flops(65, 65))) < 1e-12
+
+
+@torch.no_grad()
 def test_merging_changes_output_but_little():
     model, run = make("timm-dinov2-like")
     x = images()

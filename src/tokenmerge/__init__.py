@@ -6,7 +6,7 @@
 """
 
 from .adapters import UnsupportedModelError
-from .api import apply, patch_of, patched, remove, state, supported_families
+from .api import apply, patch_of, patched, remove, state, summary, supported_families
 from .core import (
     Budget,
     Constant,
@@ -44,5 +44,6 @@ __all__ = [
     "patched",
     "remove",
     "state",
+    "summary",
     "supported_families",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .adapters import ADAPTERS, Patch, UnsupportedModelError
@@ -72,6 +73,25 @@ def state(model: nn.Module) -> TokenState:
     if st is None:
         raise ValueError("the patched model has not run a forward pass in this thread yet")
     return st
+
+
+def summary(model: nn.Module) -> dict[str, object]:
+    """Token counts and analytic FLOPs reached by the latest forward in this thread.
+
+    Returns ``tokens_per_layer`` (mean over the batch, after each patched layer),
+    ``tokens_per_layer_std`` (spread across samples: non-zero for dynamic budgets),
+    and ``flops_ratio`` against the unreduced model (see :mod:`tokenmerge.core.flops`).
+    """
+    st = state(model)
+    counts = torch.stack([c.float() for c in st.tokens_per_layer], 1)  # [B, L]
+    mean = counts.mean(0).tolist()
+    cost = patch_of(model).target.cost
+    return {
+        "tokens_in": st.n_orig,
+        "tokens_per_layer": mean,
+        "tokens_per_layer_std": counts.std(0, unbiased=False).tolist(),
+        "flops_ratio": cost.ratio(st.n_orig, mean),
+    }
 
 
 @contextmanager

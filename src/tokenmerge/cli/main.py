@@ -32,6 +32,17 @@ def parse_params(items: Sequence[str]) -> dict[str, dict[str, object]]:
     return out
 
 
+def parse_method_budgets(items: Sequence[str]) -> dict[str, list]:
+    """``pitome=keep:0.9,keep:0.8`` -> ``{"pitome": [KeepRatio(0.9), KeepRatio(0.8)]}``."""
+    out = {}
+    for item in items:
+        method, sep, rest = item.partition("=")
+        if not sep or not rest:
+            raise SystemExit(f"--budgets-for expects METHOD=B1,B2,..., got {item!r}")
+        out[method.strip()] = [parse_budget(b) for b in rest.split(",")]
+    return out
+
+
 #: The kind of benchmark each zoo model gets; hub names need ``--kind``.
 KINDS = {"dinov2-s": "vision", "minilm": "text", "smollm2-135m": "llm"}
 
@@ -96,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="hf", choices=["hf", "timm"])
     b.add_argument("--methods", help="comma-separated registered methods (default: tome)")
     b.add_argument("--budgets", help="comma-separated budgets: 8, 16:-1, keep:0.9, flops:0.5")
+    b.add_argument(
+        "--budgets-for",
+        action="append",
+        help="METHOD=B1,B2: budgets for one method (overrides --budgets for it)",
+    )
     b.add_argument("--quick", action="store_true", help="CI smoke-test size (minutes on 2 cores)")
     b.add_argument("--param", action="append", help="METHOD.NAME=VALUE hyper-parameter")
     b.add_argument("--tasks", help="comma-separated subset of cosine,knn,probe,saliency,speed")

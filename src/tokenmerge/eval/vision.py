@@ -42,6 +42,7 @@ class VisionBenchConfig:
     backend: str = "hf"
     methods: Sequence[str] = ("tome",)
     budgets: Sequence[Budget] = ()
+    method_budgets: dict[str, Sequence[Budget]] = field(default_factory=dict)  # overrides
     method_params: dict[str, Any] = field(default_factory=dict)
     dataset: str = "fashion-mnist"
     n: int = 500
@@ -114,7 +115,7 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
 
     base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
     knn_base = M.knn_predict(base.cls, y).numpy()
-    configs = [(m, b) for m in cfg.methods for b in cfg.budgets]
+    configs = [(m, b) for m in cfg.methods for b in cfg.method_budgets.get(m, cfg.budgets)]
     passes = []
     for name, budget in configs:
         method = get_method(name, r=budget, **cfg.method_params.get(name, {}))
@@ -206,7 +207,7 @@ def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for vision models (called by the CLI)."""
     from tqdm import tqdm
 
-    from ..cli.main import parse_params
+    from ..cli.main import parse_method_budgets, parse_params
     from ..core.budget import parse_budget
     from ..methods import REGISTRY
     from . import report
@@ -220,12 +221,14 @@ def cli_main(args: argparse.Namespace) -> int:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
     budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
+    per_method = parse_method_budgets(args.budgets_for or [])
     tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     cfg = VisionBenchConfig(
         model=args.model,
         backend=args.backend,
         methods=methods,
         budgets=budgets,
+        method_budgets=per_method,
         method_params=parse_params(args.param or []),
         dataset=args.dataset or "fashion-mnist",
         n=args.n or 500,
@@ -235,7 +238,7 @@ def cli_main(args: argparse.Namespace) -> int:
         seed=args.seed,
         tasks=tasks,
     )
-    total = cfg.n * (1 + len(methods) * len(budgets))
+    total = cfg.n * (1 + sum(len(per_method.get(m, budgets)) for m in methods))
     with tqdm(total=total, desc="bench", unit="img", file=sys.stderr) as bar:
         result = run(cfg, bar.update)
     out = Path(args.out)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..core.budget import resolve
 from ..core.flops import CostModel
+from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from ..methods.base import Method, has_work
 
@@ -50,7 +51,9 @@ class BlockSpec:
     ``attn(m, x, mask)`` and ``mlp(m, x)`` return the residual branches (norm, sub-layer,
     layer scale, drop path included). ``q(m)``/``k(m)`` are the modules whose outputs are the
     queries/keys; ``layout`` says how those outputs are shaped: ``"bhnd"`` (``[B, H, N, d]``) or
-    ``"bnc"`` (``[B, N, H*d]``).
+    ``"bnc"`` (``[B, N, H*d]``). ``post_norm``: the two callables return the sub-layer's whole
+    output, residual and norm included (post-LN encoders such as BERT: ``LN(x + attn(x))``),
+    instead of the residual branch alone; adding the residual outside would not be bit-exact.
     """
 
     attn: Callable[[nn.Module, Tensor, Tensor | None], Tensor]
@@ -60,6 +63,7 @@ class BlockSpec:
     heads: Callable[[nn.Module], int]
     scale: Callable[[nn.Module], float]
     layout: str = "bnc"
+    post_norm: bool = False
 
 
 @dataclass
@@ -82,6 +86,9 @@ class Target:
     # replaces the default "the first n_prefix tokens are protected, no padding".
     inputs_from: nn.Module | None = None
     init: Callable[[Tensor, dict[str, Any]], tuple[Tensor, Tensor | None]] | None = None
+    # Padded batches (text): after each reduction, drop the padding slots (size 0) so that the
+    # batch narrows to its longest remaining sequence instead of keeping every pad position.
+    compact_padding: bool = False
 
 
 class Adapter(ABC):
@@ -206,7 +213,14 @@ class Patch:
             protected[:, : min(self.target.n_prefix, n)] = True
             size = None
         p = min(self.target.n_prefix, n)
-        state = TokenState.start(x, protected, size=size, grid=self.target.grid(n - p), n_prefix=p)
+        state = TokenState.start(
+            x,
+            protected,
+            size=size,
+            grid=self.target.grid(n - p),
+            n_prefix=p,
+            depth=len(self.target.blocks),
+        )
         run = _Run(state, self._schedule(state))
         self._run.set(run)
         return run
@@ -245,7 +259,8 @@ class Patch:
             cap: dict[str, Tensor] = {}
             token = _CAPTURE.set(cap)
             try:
-                h = x + spec.attn(block, x, mask)
+                a = spec.attn(block, x, mask)
+                h = a if spec.post_norm else x + a
             finally:
                 _CAPTURE.reset(token)
             r = run.schedule[i]
@@ -260,8 +275,11 @@ class Patch:
                 red = method.reduce(sig, st, r, i)
                 if red is not None:
                     h = st.reduce(h, red)
+                    if self.target.compact_padding:
+                        h = _drop_padding(st, h)
                     run.reduced = True
-            out = h + spec.mlp(block, h)
+            m = spec.mlp(block, h)
+            out = m if spec.post_norm else h + m
             st.tokens_per_layer.append(st.counts)
             return out
 
@@ -275,6 +293,16 @@ def _capture(name: str) -> Callable[..., None]:
             cap[name] = output
 
     return hook
+
+
+def _drop_padding(st: TokenState, h: Tensor) -> Tensor:
+    """Remove padding slots (size 0) that make the batch wider than its longest sequence."""
+    valid = st.valid
+    n = valid.shape[1]
+    if int(valid.sum(1).max()) == n:
+        return h
+    ar = torch.arange(n, device=valid.device).expand_as(valid)
+    return st.reduce(h, Reduction.from_targets(torch.where(valid, ar, -1)))
 
 
 def _heads(t: Tensor, layout: str, heads: int) -> Tensor:

@@ -35,6 +35,8 @@ class TokenState:
         tokens_per_layer: tokens per sample after each patched layer (``[B]`` tensors).
         cache: scratch space that a method may use for the duration of this forward
             (GTP's shrinking graph, for instance).
+        depth: number of patched layers in this forward (``None`` if unknown); methods whose
+            hyper-parameters follow the depth (PiToMe's margin, ToFu's switch layer) read it.
     """
 
     size: Tensor | None
@@ -44,6 +46,7 @@ class TokenState:
     n_prefix: int = 0
     tokens_per_layer: list[Tensor] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)
+    depth: int | None = None
 
     @staticmethod
     def start(
@@ -52,6 +55,7 @@ class TokenState:
         size: Tensor | None = None,
         grid: tuple[int, int] | None = None,
         n_prefix: int = 0,
+        depth: int | None = None,
     ) -> TokenState:
         """A fresh state for the token batch ``x`` (``[B, N, C]``)."""
         b, n, _ = x.shape
@@ -61,6 +65,7 @@ class TokenState:
             orig_protected=protected,
             grid=grid,
             n_prefix=n_prefix,
+            depth=depth,
         )
 
     @property

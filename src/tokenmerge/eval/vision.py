@@ -72,6 +72,17 @@ def _load_data(name: str, n: int, seed: int) -> tuple[list[Any], np.ndarray]:
     raise ValueError(f"unknown dataset {name!r}; accepted: fashion-mnist, textiles")
 
 
+def _calibration_images(cfg: VisionBenchConfig) -> list[Any]:
+    """Unlabelled images for calibrated methods (Fashion-MNIST: the train split, disjoint from
+    the evaluated test images; textiles: another seeded subsample)."""
+    from . import data
+
+    n = max(64, min(256, cfg.n // 2))
+    if cfg.dataset == "fashion-mnist":
+        return data.to_rgb_pil(data.fashion_mnist("train", n=n, seed=cfg.seed)[0])
+    return [im for _, im in data.photos()] + list(data.textiles(n=n, seed=cfg.seed + 1)[0])
+
+
 def _batches(n: int, bs: int) -> list[slice]:
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
 
@@ -116,9 +127,14 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
     base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
     knn_base = M.knn_predict(base.cls, y).numpy()
     configs = [(m, b) for m in cfg.methods for b in cfg.method_budgets.get(m, cfg.budgets)]
-    passes = []
+    passes, cal_pixels = [], None
     for name, budget in configs:
         method = get_method(name, r=budget, **cfg.method_params.get(name, {}))
+        if hasattr(method, "calibrate"):  # DToMe: thresholds from held-out unlabelled images
+            if cal_pixels is None:
+                cal_pixels = vm.preprocess(_calibration_images(cfg))
+            with torch.inference_mode():
+                method.calibrate(vm.model, cal_pixels, forward=lambda m, x: vm.tokens(x))
         apply(vm.model, method)
         try:
             passes.append(

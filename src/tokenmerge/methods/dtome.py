@@ -1,0 +1,261 @@
+"""DToMe: dynamic, threshold-based token merging (Wang et al., "DyMU: Dynamic Merging and
+Virtual Unmerging for Efficient VLMs", arXiv:2504.17040, 2025)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core.budget import Budget, TargetTokens, as_budget
+from ..core.reduction import Reduction
+from ..core.state import Signals, TokenState
+from .base import Method, register
+from .matching import bipartite_targets
+
+
+def best_edges(metric: Tensor, mergeable: Tensor) -> Tensor:
+    """Each A token's best similarity to a B token (ToMe's ``node_max``), ``[B, ⌈N/2⌉]``.
+
+    The same computation as :func:`~tokenmerge.methods.matching.bipartite_targets`; ``-inf``
+    where the A token or every B token is not mergeable.
+    """
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
+    blocked = ~mergeable[:, 0::2, None] | ~mergeable[:, None, 1::2]
+    return scores.masked_fill(blocked, -torch.inf).max(-1).values
+
+
+def batch_threshold(node_max: Tensor, rb: int) -> tuple[float, Tensor]:
+    """DyMU's batch-level step: merge the ``rb`` strongest edges of the whole batch.
+
+    Returns ``τ = max(s_(rb), 0)``, the similarity of the strongest edge *not* merged
+    (0-based rank ``rb`` over the batch, clamped at 0; ``0`` if every edge is merged and
+    ``inf`` if none is), and the number of edges each sample merges (``[B]``).
+    """
+    flat = node_max.flatten()
+    n_edges = int(torch.isfinite(flat).sum())
+    rb = min(rb, n_edges)
+    if rb <= 0:
+        return math.inf, torch.zeros(node_max.shape[0], dtype=torch.long, device=flat.device)
+    order = flat.argsort(descending=True, stable=True)
+    b, na = node_max.shape
+    counts = torch.bincount(order[:rb] // na, minlength=b)
+    tau = float(flat[order[rb]]) if rb < n_edges else 0.0
+    return max(tau, 0.0), counts
+
+
+@dataclass
+class _Calibration:
+    budget: Budget
+    total: dict[int, float] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+
+    def add(self, layer: int, tau: float) -> None:
+        self.total[layer] = self.total.get(layer, 0.0) + tau
+        self.count[layer] = self.count.get(layer, 0) + 1
+
+
+def _forward(model: nn.Module, batch: Any) -> Any:
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def tokens_reached(model: nn.Module) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the tokens per sample after the last
+    patched layer of ``model``'s latest forward (padding not counted)."""
+    from ..api import state
+
+    counts = state(model).tokens_per_layer[-1].double()
+    return float(counts.mean()), float(counts.std(correction=0))
+
+
+@register
+@dataclass
+class DToMe(Method):
+    """Dynamic Token Merging, the vision half of DyMU (Wang et al., arXiv:2504.17040, 2025).
+
+    ToMe's bipartite matching (A = even, B = odd positions, each A token's best edge
+    ``s_i = max_j cos(k_i, k_j)``), but each block ``l`` merges **every** edge above a
+    calibrated threshold, ``s_i > τ_l``, instead of a fixed top ``r``. Simple images end up
+    with fewer tokens than cluttered ones; the cap is ToMe's 50% (every A token merged). In a
+    batch, samples keep different numbers of tokens and are padded with size-0 slots (the
+    attention bias masks them; padding is dropped at the next merge). At inference a sample's
+    merges depend on its own tokens only, so its token counts do not depend on the batch
+    (calibration, by design, is batch-level).
+
+    Calibration (``calibrate``, on unlabelled images), per batch of ``B`` images and block
+    ``l`` with schedule ``r_l`` (the method's budget, e.g. ``TargetTokens``: the constant
+    ``r`` that reaches the target mean token count after the last block, DyMU's even split of
+    the total):
+
+    1. flatten ``s_i`` over the whole batch and merge its ``r_l · B`` largest edges (so
+       images merge different numbers of tokens, ``r_l`` on average);
+    2. ``τ_l^batch = max(s_(r_l B), 0)``, the first edge not merged;
+    3. ``τ_l`` = the running mean of ``τ_l^batch`` over batches.
+
+    ``thresholds`` (``[L]``, or one value for every block) are saved and loaded with
+    ``state_dict`` / ``load_state_dict``. ``r`` is the calibration budget only: at inference
+    the thresholds alone decide. ``example(r)`` (the adapter test matrix, no calibration data)
+    uses a fixed ``τ = 0.9`` in every block, or ``τ = inf`` (nothing merged) for ``r = 0``.
+    ``tokens_reached(model)`` reports the mean ± std of the tokens kept.
+
+    Measured on DINOv2-S (calibrated on 64 textile images, 32 others held out): the held-out
+    mean lands within 2% of ToMe's count at the same ``r`` (113.6 ± 15.4 tokens vs 113 at
+    ``r = 12``). Padding a batch of 32 to its widest sample costs about 6 points of the FLOPs
+    ratio over that mean (0.77 vs 0.70 at ``r = 12``).
+    """
+
+    name: ClassVar[str] = "dtome"
+    dynamic: ClassVar[bool] = True
+    EXAMPLE_THRESHOLD: ClassVar[float] = 0.9
+
+    thresholds: Tensor | float | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._calib: _Calibration | None = None
+        self._batches = 0
+        if self.thresholds is not None:
+            self.thresholds = self._as_thresholds(self.thresholds)
+
+    @staticmethod
+    def _as_thresholds(t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).detach().cpu().clone()
+        if t.dim() > 1:
+            raise ValueError(f"thresholds must be a scalar or one value per layer, got {t.shape}")
+        if bool(torch.isnan(t).any()):
+            raise ValueError("thresholds must not be NaN")
+        return t
+
+    @classmethod
+    def example(cls, r: int) -> DToMe:
+        return cls(r=r, thresholds=math.inf if r == 0 else cls.EXAMPLE_THRESHOLD)
+
+    @property
+    def budget(self) -> Budget:
+        return self._calib.budget if self._calib is not None else as_budget(self.r)
+
+    def max_r(self, n: int, n_protected: int) -> int:
+        return max((n - n_protected) // 2, 0)
+
+    def threshold(self, layer: int) -> float:
+        """``τ_l`` of block ``layer``."""
+        t = self.thresholds
+        if t is None:
+            raise RuntimeError(
+                "DToMe has no thresholds: call calibrate(model, batches, target_tokens=...) "
+                "or load_state_dict(...) first, or pass thresholds=..."
+            )
+        if t.dim() == 0:
+            return float(t)
+        if layer >= t.numel():
+            raise ValueError(
+                f"DToMe thresholds cover {t.numel()} layers but the model has a layer {layer}"
+            )
+        return float(t[layer])
+
+    # ------------------------------------------------------------------ reduction
+    def reduce(
+        self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
+    ) -> Reduction | None:
+        mergeable = state.valid & ~state.protected
+        n = sig.metric.shape[1]
+        if self._calib is not None:
+            b = sig.metric.shape[0]
+            rb = int(r.sum()) if isinstance(r, Tensor) else r * b
+            tau, counts = batch_threshold(best_edges(sig.metric, mergeable), rb)
+            self._calib.add(layer, tau)
+            target = bipartite_targets(sig.metric, mergeable, counts)
+        else:
+            tau = self.threshold(layer)
+            if tau == math.inf:
+                return None
+            target = bipartite_targets(sig.metric, mergeable, n, threshold=tau)
+        ar = torch.arange(n, device=target.device)
+        if not bool((target != ar).any()):
+            return None  # nothing merged: the widest sample has no padding, so keep as is
+        return Reduction.from_targets(target.masked_fill(~state.valid, -1))
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def calibrate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any] | Tensor,
+        target_tokens: int | None = None,
+        r: Any = None,
+        *,
+        batch_size: int = 32,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> DToMe:
+        """Find the thresholds on unlabelled data; returns ``self``.
+
+        Args:
+            model: the model, unpatched (patched here for the duration) or patched with
+                this very method.
+            batches: an iterable of input batches, or one tensor of inputs cut into
+                ``batch_size`` chunks. Each batch is run as ``model(batch)`` (``model(**batch)``
+                for a dict) unless ``forward(model, batch)`` is given.
+            target_tokens: mean tokens per sample to reach after the last layer (a
+                :class:`~tokenmerge.core.budget.TargetTokens` budget).
+            r: any other budget (int, ``(r, inflection)``, list, ``KeepRatio``, ...): the
+                average number of merges per layer. Default: the method's own ``r``.
+
+        Calibration replaces earlier thresholds (a running mean over this call's batches).
+        """
+        from ..api import apply, patch_of, remove
+
+        if target_tokens is not None and r is not None:
+            raise ValueError("give either target_tokens or r, not both")
+        budget = TargetTokens(int(target_tokens)) if target_tokens is not None else None
+        budget = budget or as_budget(self.r if r is None else r)
+        if isinstance(batches, Tensor):
+            batches = batches.split(batch_size)
+        run = forward or _forward
+        owner = getattr(model, "_tokenmerge_patch", None)
+        if owner is not None and owner.method is not self:
+            raise ValueError(
+                f"the model is patched with {owner.method!r}; remove it first or calibrate "
+                "with the DToMe instance it is patched with"
+            )
+        if owner is None:
+            apply(model, self)
+        depth = len(patch_of(model).target.blocks)
+        calib = self._calib = _Calibration(budget)
+        n = 0
+        try:
+            for batch in batches:
+                run(model, batch)
+                n += 1
+        finally:
+            self._calib = None
+            if owner is None:
+                remove(model)
+        if n == 0:
+            raise ValueError("calibrate needs at least one batch")
+        seen = calib.count
+        means = [calib.total[i] / seen[i] if i in seen else math.inf for i in range(depth)]
+        self.thresholds = torch.tensor(means, dtype=torch.float32)
+        self._batches = n
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Tensor]:
+        """The calibrated thresholds ``[L]`` and the number of batches they average."""
+        if self.thresholds is None:
+            raise RuntimeError("DToMe has no thresholds to save: calibrate first")
+        return {
+            "thresholds": self.thresholds.clone(),
+            "num_batches": torch.tensor(self._batches),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load thresholds saved by :meth:`state_dict`."""
+        if "thresholds" not in state_dict:
+            raise KeyError("state_dict has no 'thresholds'")
+        self.thresholds = self._as_thresholds(state_dict["thresholds"])
+        self._batches = int(state_dict.get("num_batches", 0))

@@ -81,6 +81,8 @@ class Target:
     extra_patches: list[tuple[object, str, Callable[[Patch], Any]]] = field(default_factory=list)
     # (module, factory(patch) -> hook): forward pre-hooks with kwargs (e.g. pooling heads)
     pre_hooks: list[tuple[nn.Module, Callable[[Patch], Callable]]] = field(default_factory=list)
+    # (module, factory(patch) -> hook): forward hooks with kwargs, run after the module
+    post_hooks: list[tuple[nn.Module, Callable[[Patch], Callable]]] = field(default_factory=list)
     # Text models: the module whose forward arguments (input_ids, attention_mask) are recorded
     # for ``init``, and ``init(x, inputs) -> (protected [B, N], size [B, N] or None)`` that
     # replaces the default "the first n_prefix tokens are protected, no padding".
@@ -174,6 +176,8 @@ class Patch:
             )
         for module, factory in self.target.pre_hooks:
             self._handles.append(module.register_forward_pre_hook(factory(self), with_kwargs=True))
+        for module, factory in self.target.post_hooks:
+            self._handles.append(module.register_forward_hook(factory(self), with_kwargs=True))
         setattr(self.model, ATTR, self)
 
     def remove(self) -> None:
@@ -270,7 +274,8 @@ class Patch:
                     k=_heads(cap["k"], spec.layout, spec.heads(block)),
                     q=_heads(cap["q"], spec.layout, spec.heads(block)) if "q" in cap else None,
                     scale=spec.scale(block),
-                    bias=mask if run.reduced else None,
+                    # before the first reduction, still hide padding from explicit attention
+                    bias=mask if run.reduced else st.attn_bias(False, h.dtype),
                 )
                 red = method.reduce(sig, st, r, i)
                 if red is not None:

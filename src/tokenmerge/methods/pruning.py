@@ -50,33 +50,14 @@ def has_cls(state: TokenState) -> bool:
     return state.n_prefix > 0 or bool(state.protected[:, 0].all())
 
 
-def _unmasked_padding(sig: Signals, state: TokenState) -> bool:
-    """True when the layer's attention bias does not mask padding that the state knows of:
-    before the first reduction the patch passes no bias, so ``sig.attn`` would attend to
-    padding keys."""
-    return sig.bias is None and not bool(state.valid.all())
-
-
 def attention(sig: Signals, state: TokenState) -> Tensor:
-    """``[B, H, N, N]`` attention probabilities with padding keys masked (``sig.attn``
-    whenever the layer's own bias already does it)."""
-    if not _unmasked_padding(sig, state):
-        return sig.attn
-    if sig.q is None:
-        raise RuntimeError("this method did not declare that it needs queries/attention")
-    logits = (sig.q @ sig.k.transpose(-2, -1)) * sig.scale
-    return logits.masked_fill(~state.valid[:, None, None, :], -torch.inf).softmax(-1)
+    """``[B, H, N, N]`` attention probabilities (the patch's bias already hides padding)."""
+    return sig.attn
 
 
 def cls_attention(sig: Signals, state: TokenState) -> Tensor:
-    """``[B, N]`` attention of the first token, averaged over heads, padding keys masked."""
-    if not _unmasked_padding(sig, state):
-        return sig.cls_attn
-    if sig.q is None:
-        raise RuntimeError("this method did not declare that it needs queries/attention")
-    logits = (sig.q[:, :, :1] @ sig.k.transpose(-2, -1)) * sig.scale
-    logits = logits.masked_fill(~state.valid[:, None, None, :], -torch.inf)
-    return logits.softmax(-1)[:, :, 0].mean(1)
+    """``[B, N]`` attention of the first token, averaged over heads, padding hidden."""
+    return sig.cls_attn
 
 
 def importance(sig: Signals, state: TokenState) -> Tensor:

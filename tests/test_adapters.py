@@ -71,7 +71,7 @@ def test_summary_reports_counts_and_flops():
         run(model, images())
         s = tm.summary(model)
         cost = tm.patch_of(model).target.cost
-    assert s["tokens_in"] == 65 and s["tokens_per_layer"] == [57.0, 49.0, 41.0]
+    assert s["tokens_in"] == 65.0 and s["tokens_per_layer"] == [57.0, 49.0, 41.0]
     assert s["tokens_per_layer_std"] == [0.0, 0.0, 0.0]
     by_hand = sum(cost.layer_flops(n, m) for n, m in [(65, 57), (57, 49), (49, 41)])
     assert abs(s["flops_ratio"] - by_hand / (3 * cost.layer_flops(65, 65))) < 1e-12

@@ -78,19 +78,28 @@ def state(model: nn.Module) -> TokenState:
 def summary(model: nn.Module) -> dict[str, object]:
     """Token counts and analytic FLOPs reached by the latest forward in this thread.
 
-    Returns ``tokens_per_layer`` (mean over the batch, after each patched layer),
+    Returns ``tokens_in`` (mean real tokens per sample at the start), ``tokens_per_layer``
+    (mean over the batch, after each patched layer),
     ``tokens_per_layer_std`` (spread across samples: non-zero for dynamic budgets),
-    and ``flops_ratio`` against the unreduced model (see :mod:`tokenmerge.core.flops`).
+    and ``flops_ratio`` against the unreduced model (see :mod:`tokenmerge.core.flops`),
+    counting every sample of a padded batch at its own length.
     """
     st = state(model)
     counts = torch.stack([c.float() for c in st.tokens_per_layer], 1)  # [B, L]
-    mean = counts.mean(0).tolist()
+    n0 = (
+        torch.full((counts.shape[0],), float(st.n_orig))
+        if st.tokens_in is None
+        else st.tokens_in.float().cpu()
+    )
     cost = patch_of(model).target.cost
+    # padded batches: total FLOPs of every sample at its own length
+    reduced = sum(cost.flops(float(a), c.tolist()) for a, c in zip(n0, counts.cpu(), strict=True))
+    full = sum(cost.flops(float(a), [float(a)] * cost.depth) for a in n0)
     return {
-        "tokens_in": st.n_orig,
-        "tokens_per_layer": mean,
+        "tokens_in": n0.mean().item(),
+        "tokens_per_layer": counts.mean(0).tolist(),
         "tokens_per_layer_std": counts.std(0, unbiased=False).tolist(),
-        "flops_ratio": cost.ratio(st.n_orig, mean),
+        "flops_ratio": reduced / full,
     }
 
 

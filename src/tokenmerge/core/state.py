@@ -45,6 +45,7 @@ class TokenState:
     grid: tuple[int, int] | None = None
     n_prefix: int = 0
     tokens_per_layer: list[Tensor] = field(default_factory=list)
+    tokens_in: Tensor | None = None  # [B] real tokens per sample at the start (padded batches)
     cache: dict[str, Any] = field(default_factory=dict)
     depth: int | None = None
 
@@ -61,6 +62,7 @@ class TokenState:
         b, n, _ = x.shape
         return TokenState(
             size=size,
+            tokens_in=None if size is None else (size > 0).sum(1),
             source=Reduction.identity(b, n, x.device),
             orig_protected=protected,
             grid=grid,

@@ -39,6 +39,16 @@ def provenance(seed: int, argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
+def method_params(method: object, budget: str) -> dict[str, Any]:
+    """A method's hyper-parameters for a report, JSON-ready (tensors become lists)."""
+    out: dict[str, Any] = {}
+    for k, v in vars(method).items():
+        if k == "r" or k.startswith("_"):
+            continue
+        out[k] = [round(float(x), 5) for x in v.flatten()] if isinstance(v, torch.Tensor) else v
+    return out | {"r": budget}
+
+
 def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

@@ -28,6 +28,7 @@ from ..api import apply, patch_of, remove, state
 from ..core.budget import Budget, budget_label
 from ..methods.base import get_method
 from . import metrics as M
+from . import report
 from .throughput import compare
 
 QUICK = {"n": 96, "budgets": "8,16", "timing_runs": 3, "saliency_images": 16, "batch_size": 16}
@@ -183,8 +184,7 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
             "n": len(labels),
             "method": name,
             "budget": budget_label(budget),
-            "params": {k: v for k, v in vars(method).items() if k != "r"}
-            | {"r": budget_label(budget)},
+            "params": report.method_params(method, budget_label(budget)),
             "batch_size": cfg.batch_size,
             "tokens_per_layer": [round(t, 1) for t in p.tokens],
             "flops_ratio": cost.ratio(_n_tokens(vm), p.tokens),

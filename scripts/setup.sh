@@ -40,4 +40,11 @@ for spec in r-cran-modeldata=1.1.0-1:usr/lib/R/site-library/modeldata/data/Rdata
   rm -rf "$tmp"
 done
 
+# Debian long English text for the LLM bench (Austen, Moby-Dick, Jargon File, Python docs),
+# downloaded and unpacked, not installed: no R, no root
+.venv/bin/python -m tokenmerge.eval.corpora install >/dev/null 2>&1 || {
+  apt-get update -q >/dev/null 2>&1 || true
+  .venv/bin/python -m tokenmerge.eval.corpora install
+}
+
 echo "setup done: $(.venv/bin/python -c 'import torch, tokenmerge; print("torch", torch.__version__, "tokenmerge", tokenmerge.__version__)')"

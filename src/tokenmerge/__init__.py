@@ -6,6 +6,7 @@
 """
 
 from .adapters import UnsupportedModelError
+from .adapters.hf_decoder import ReducedCache, chunked_prefill
 from .api import apply, patch_of, patched, remove, state, summary, supported_families
 from .core import (
     Budget,
@@ -32,6 +33,7 @@ __all__ = [
     "KeepRatio",
     "Method",
     "PerLayer",
+    "ReducedCache",
     "Reduction",
     "TargetFlops",
     "TargetTokens",
@@ -39,6 +41,7 @@ __all__ = [
     "TokenState",
     "UnsupportedModelError",
     "apply",
+    "chunked_prefill",
     "get_method",
     "patch_of",
     "patched",

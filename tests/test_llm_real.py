@@ -1,0 +1,112 @@
+"""Real weights and real text: SmolLM2-135M from the offline zoo, Debian corpora."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokenmerge as tm
+from tokenmerge.adapters import hf_decoder as hd
+from tokenmerge.methods import get_method
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from tokenmerge.eval import zoo
+
+    return zoo.load_causal_lm("smollm2-135m")
+
+
+def test_corpora_are_real_long_english_text():
+    from tokenmerge.eval import corpora
+
+    words = {name: sum(len(d.split()) for d in corpora.documents(name)) for name in corpora.CORPORA}
+    assert words["austen"] > 700_000 and words["mobydick"] > 200_000
+    assert words["jargon"] > 200_000 and words["pydocs"] > 30_000
+    assert len(corpora.documents("austen")) == 6
+    assert corpora.text("mobydick").startswith("Produced by")  # Gutenberg header cut
+    assert "Project Gutenberg-tm" not in corpora.text("mobydick")[-5000:]  # and the licence
+    assert "\n" not in corpora.documents("austen")[0].split("\n\n")[10]  # paragraphs re-flowed
+    with pytest.raises(ValueError, match="unknown corpus"):
+        corpora.documents("wikitext")
+
+
+@torch.inference_mode()
+def test_needle_survives_modest_compression_where_the_method_keeps_it(lm):
+    """StreamingLLM at 2x keeps the sinks and the recent half: a pass key in the recent half
+    must still be retrieved, one-shot and with chunked prefill; one in the evicted first half
+    is lost (so the test can tell compression happened). The uncompressed model finds both."""
+    from tokenmerge.eval import llm
+
+    model, tok = lm
+    late, early = (
+        llm.make_trials(tok, [512], 1, ["austen"], 8, seed=s)[0] for s in (0, 1)
+    )  # fmt: skip
+    late = _at_depth(tok, late, 0.9)
+    early = _at_depth(tok, early, 0.1)
+    method = get_method("streaming_llm", ratio=0.5)
+    for t, survives in ((late, True), (early, False)):
+        full = model(input_ids=t.context, use_cache=True).past_key_values
+        assert llm.needle_correct(model, full, t.question, t.answer)
+        with tm.patched(model, method):
+            one = model(input_ids=t.context, use_cache=True).past_key_values
+            assert one.reduced
+            assert llm.needle_correct(model, one, t.question, t.answer) is survives
+            pre = hd.chunked_prefill(model, t.context, chunk=128, window=32)
+            assert pre.cache.stored(0) == round(t.context.shape[1] / 2)
+            assert llm.needle_correct(model, pre.cache, t.question, t.answer) is survives
+
+
+def _at_depth(tok, trial, depth):
+    """The same haystack with the needle moved to ``depth``."""
+    from tokenmerge.eval import llm
+
+    needle = llm._ids(tok, llm.NEEDLE.format(key=trial.key))
+    ids = trial.context[0].tolist()
+    for i in range(len(ids)):
+        if ids[i : i + len(needle)] == needle:
+            hay = ids[:i] + ids[i + len(needle) :]
+            break
+    at = int(depth * len(hay))
+    trial.context = torch.tensor([hay[:at] + needle + hay[at:]])
+    return trial
+
+
+@torch.inference_mode()
+def test_real_model_full_budget_is_bit_identical(lm):
+    model, tok = lm
+    ids = tok(["The capital of Italy is", "Call me Ishmael. Some years ago"], padding=True,
+              padding_side="left", return_tensors="pt")  # fmt: skip
+    ref = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    for name in ("snapkv", "fastv"):
+        with tm.patched(model, get_method(name, ratio=0.0)):
+            assert torch.equal(model.generate(**ids, max_new_tokens=4, do_sample=False), ref)
+
+
+def test_bench_cli_tiny_run(tmp_path):
+    from tokenmerge.cli.main import main
+
+    argv = [
+        "bench", "--model", "smollm2-135m", "--methods", "knorm,fastv", "--budgets", "2",
+        "--n", "1", "--timing-runs", "1", "--out", str(tmp_path), "--name", "t",
+        "--param", "bench.lengths=256", "--param", "bench.memory_lengths=256",
+        "--param", "bench.speed_length=256", "--param", "bench.continuation=32",
+        "--param", "bench.decode_tokens=4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["meta"]["base"]["needle_agnostic"] is not None
+    modes = {(r["method"], r["prefill_mode"]) for r in res["rows"]}
+    assert modes == {("knorm", "oneshot"), ("knorm", "chunked"), ("fastv", "prefill")}
+    for r in res["rows"]:
+        assert 0.4 < r["kv_final_ratio"] < 0.7
+        assert r["ppl_ratio"] > 0.5 and r["ppl_ratio_aware"] > 0.5
+        assert r["prefill_ratio"] > 0 and r["decode_ratio"] > 0
+    mem = res["meta"]["memory"][0]
+    assert mem["chunked_peak_mb"] <= mem["full_mb"]
+    md = (tmp_path / "t.md").read_text()
+    assert md.startswith("# tokenmerge bench") and "Which method wins" in md

@@ -26,24 +26,20 @@ separated by blank lines (the Python tutorial keeps its reST layout).
 
 from __future__ import annotations
 
-import bz2
 import functools
 import gzip
 import hashlib
-import lzma
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from .rlazy import read_lazydata
 from .zoo import AssetError, ChecksumError, MissingPackageError, cache_dir, verify_sha256
 
 __all__ = [
@@ -223,40 +219,6 @@ def _check_manifest(folder: Path, expected: str, corpus: Corpus) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _unpack_record(raw: bytes) -> bytes:
-    """One lazy-load record: a 4-byte length, then a compressed serialised R object."""
-    kind = raw[4:5]
-    if kind == b"Z":
-        filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-        return lzma.decompress(raw[5:], format=lzma.FORMAT_RAW, filters=filters)
-    if kind == b"2":
-        return bz2.decompress(raw[5:])
-    if kind == b"0":
-        return raw[5:]
-    return zlib.decompress(raw[4:])
-
-
-def _r_lazydata(rdx: Path, rdb: Path) -> dict[str, Any]:
-    """The objects of an R lazy-load database (``Rdata.rdx`` index + ``Rdata.rdb`` data)."""
-    try:
-        import rdata
-    except ImportError as err:
-        raise MissingPackageError("reading R data needs rdata: pip install rdata") from err
-
-    def conv(raw: bytes) -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS"
-            return rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))
-
-    index = conv(gzip.decompress(rdx.read_bytes()))
-    data = rdb.read_bytes()
-    out = {}
-    for name, (offset, length) in index["variables"].items():
-        start = int(offset)
-        out[str(name)] = conv(_unpack_record(data[start : start + int(length)]))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------
@@ -270,7 +232,7 @@ def _reflow(text: str) -> str:
 
 
 def _austen(paths: list[Path]) -> list[str]:
-    books = _r_lazydata(paths[0], paths[1])
+    books = read_lazydata(paths[0], paths[1])
     missing = set(_AUSTEN_BOOKS) - set(books)
     if missing:
         raise AssetError(f"janeaustenr data lacks {sorted(missing)}")
@@ -278,7 +240,7 @@ def _austen(paths: list[Path]) -> list[str]:
 
 
 def _mobydick(paths: list[Path]) -> list[str]:
-    raw = str(_r_lazydata(paths[0], paths[1])["mobydick"][0]).lstrip("\ufeff")
+    raw = str(read_lazydata(paths[0], paths[1])["mobydick"][0]).lstrip("\ufeff")
     start = raw.find("*** START OF")
     end = raw.find("*** END OF")
     if start < 0 or end < 0:

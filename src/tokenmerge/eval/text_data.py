@@ -15,22 +15,18 @@ sha256 before it is read.
 
 from __future__ import annotations
 
-import bz2
 import csv
 import functools
 import gzip
 import io
-import lzma
 import os
-import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .data import stratified_indices
+from .rlazy import r_object, unpack_record
 from .zoo import AssetError, MissingPackageError, _package_dir, cache_dir, verify_sha256
 
 __all__ = [
@@ -122,43 +118,17 @@ _MODELDATA_SHA256 = {
 _REVIEW_TABLES = {"train": "training_data", "test": "testing_data"}
 
 
-def _unpack_record(blob: bytes) -> bytes:
-    """One record of an R lazy-load database: a 4-byte length, then a compressed payload
-    whose first byte names the codec (``Z`` xz, ``2`` bzip2, ``0`` none; else zlib)."""
-    kind = blob[4:5]
-    if kind == b"Z":
-        filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-        return lzma.decompress(blob[5:], format=lzma.FORMAT_RAW, filters=filters)
-    if kind == b"2":
-        return bz2.decompress(blob[5:])
-    if kind == b"0":
-        return blob[5:]
-    return zlib.decompress(blob[4:])
-
-
-def _r_object(raw: bytes) -> Any:
-    try:
-        import rdata
-    except ImportError as err:
-        raise MissingPackageError(
-            "The package 'rdata' reads R data files. Install it with: pip install rdata"
-        ) from err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS", tibble classes
-        return rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))
-
-
 @functools.lru_cache(maxsize=2)
 def _reviews_table(split: str) -> tuple[tuple[str, ...], np.ndarray]:
     files = {
         name: _debian_file(_MODELDATA, f"{_MODELDATA_DIR}/{name}", sha)
         for name, sha in _MODELDATA_SHA256.items()
     }
-    index = _r_object(gzip.decompress(files["Rdata.rdx"].read_bytes()))
+    index = r_object(gzip.decompress(files["Rdata.rdx"].read_bytes()))
     offset, length = (int(v) for v in index["variables"][_REVIEW_TABLES[split]])
     with open(files["Rdata.rdb"], "rb") as f:
         f.seek(offset)
-        frame = _r_object(_unpack_record(f.read(length)))
+        frame = r_object(unpack_record(f.read(length)))
     reviews = tuple(str(r).strip() for r in frame["review"])
     labels = np.array([REVIEW_CLASSES.index(str(s)) for s in frame["score"]], dtype=np.int64)
     if len(reviews) != {"train": 4000, "test": 1000}[split]:

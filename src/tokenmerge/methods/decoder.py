@@ -113,6 +113,16 @@ class DecoderMethod(Method):
         )
         return cand & (rank < n_keep[:, None]), cand
 
+    def reduce(
+        self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
+    ) -> Reduction | None:
+        """Prune: keep the top-scored span tokens and everything outside the span."""
+        if not has_work(r):
+            return None
+        r = torch.as_tensor(r, device=sig.x.device).expand(sig.x.shape[0])
+        keep, cand = self.keep_mask(sig, state, r)
+        return Reduction.from_targets(_targets(keep | (state.valid & ~cand), state.valid))
+
 
 def _targets(keep: Tensor, valid: Tensor) -> Tensor:
     """``from_targets`` targets: kept tokens map to themselves, the rest are dropped."""
@@ -133,15 +143,6 @@ class FastV(DecoderMethod):
     """
 
     name: ClassVar[str] = "fastv"
-
-    def reduce(
-        self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
-    ) -> Reduction | None:
-        if not has_work(r):
-            return None
-        r = torch.as_tensor(r, device=sig.x.device).expand(sig.x.shape[0])
-        keep, cand = self.keep_mask(sig, state, r)
-        return Reduction.from_targets(_targets(keep | (state.valid & ~cand), state.valid))
 
 
 @register
@@ -202,15 +203,6 @@ class AIMPrune(DecoderMethod):
         for _ in range(self.iterations):
             pi = pi @ m
         return pi[:, :, 0].pow(2).mean(1).sqrt()
-
-    def reduce(
-        self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
-    ) -> Reduction | None:
-        if not has_work(r):
-            return None
-        r = torch.as_tensor(r, device=sig.x.device).expand(sig.x.shape[0])
-        keep, cand = self.keep_mask(sig, state, r)
-        return Reduction.from_targets(_targets(keep | (state.valid & ~cand), state.valid))
 
 
 @register

@@ -118,7 +118,10 @@ def pareto_plot(
             ]
             if pts:
                 xs, ys, _ = zip(*pts, strict=True)
-                (line,) = ax.plot(xs, ys, marker="o", label=m)
+                i = methods.index(m)  # distinct colour and marker for up to 20 methods
+                (line,) = ax.plot(
+                    xs, ys, marker="os^vD"[i % 5], color=plt.get_cmap("tab20")(i % 20), label=m
+                )
                 if len(methods) <= 3:
                     for x, y, lab in pts:
                         ax.annotate(

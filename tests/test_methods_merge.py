@@ -20,7 +20,8 @@ from models import all_models, images, make
 import tokenmerge as tm
 from tokenmerge.core.budget import as_budget
 from tokenmerge.core.state import Signals, TokenState
-from tokenmerge.methods.dtome import DToMe, batch_threshold, best_edges, tokens_reached
+from tokenmerge.methods.dtome import DToMe, batch_threshold, tokens_reached
+from tokenmerge.methods.matching import best_edges
 from tokenmerge.methods.pitome import PiToMe
 from tokenmerge.methods.tofu import ToFu
 
@@ -271,7 +272,7 @@ def test_dtome_batch_threshold_matches_reference(b, n, n_prot, r, seed):
     """Calibration step: the top r·B edges of the whole batch, and the (r·B)-th edge as τ."""
     pads = [0] * b
     _, metric, _, mergeable, _, _ = synthetic(seed, b, n, n_prot, pads)
-    tau, counts = batch_threshold(best_edges(metric, mergeable), r * b)
+    tau, counts = batch_threshold(best_edges(metric, mergeable)[0], r * b)
     edges = [(s_, i, a) for i in range(b) for s_, a, _ in naive_edges(metric[i], mergeable[i])]
     edges.sort(key=lambda e: (-e[0], e[1], e[2]))
     rb = min(r * b, len(edges))

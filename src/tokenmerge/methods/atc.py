@@ -11,6 +11,7 @@ from torch import Tensor
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, has_work, register
+from .matching import unit
 from .pruning import candidates, per_sample
 
 _LINKAGES = ("average", "complete", "single")
@@ -71,7 +72,7 @@ class ATC(Method):
         b, n = state.pos.shape
         dev = state.pos.device
         cand = candidates(state)
-        m = sig.metric / sig.metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        m = unit(sig.metric)
         eye = torch.eye(n, dtype=torch.bool, device=dev)
         dist = (1.0 - m @ m.transpose(1, 2)).masked_fill(
             ~cand[:, :, None] | ~cand[:, None, :] | eye, torch.inf

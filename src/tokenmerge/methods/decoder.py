@@ -113,15 +113,21 @@ class DecoderMethod(Method):
         )
         return cand & (rank < n_keep[:, None]), cand
 
+    def plan(
+        self, sig: Signals, state: TokenState, r: int | Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(kept span tokens, span candidates, pruning targets)`` for budget ``r``."""
+        r = torch.as_tensor(r, device=sig.x.device).expand(sig.x.shape[0])
+        keep, cand = self.keep_mask(sig, state, r)
+        return keep, cand, _targets(keep | (state.valid & ~cand), state.valid)
+
     def reduce(
         self, sig: Signals, state: TokenState, r: int | Tensor, layer: int
     ) -> Reduction | None:
         """Prune: keep the top-scored span tokens and everything outside the span."""
         if not has_work(r):
             return None
-        r = torch.as_tensor(r, device=sig.x.device).expand(sig.x.shape[0])
-        keep, cand = self.keep_mask(sig, state, r)
-        return Reduction.from_targets(_targets(keep | (state.valid & ~cand), state.valid))
+        return Reduction.from_targets(self.plan(sig, state, r)[2])
 
 
 def _targets(keep: Tensor, valid: Tensor) -> Tensor:
@@ -225,9 +231,7 @@ class HoliTomInner(DecoderMethod):
     ) -> Reduction | None:
         if not has_work(r):
             return None
-        r = torch.as_tensor(r, device=sig.x.device).expand(sig.x.shape[0])
-        keep, cand = self.keep_mask(sig, state, r)
-        target = _targets(keep | (state.valid & ~cand), state.valid)
+        keep, cand, target = self.plan(sig, state, r)
         x = torch.nn.functional.normalize(sig.x.float(), dim=-1)
         sim = (x @ x.transpose(1, 2)).masked_fill(~keep[:, None, :], -math.inf)
         best = sim.argmax(-1)

@@ -15,19 +15,7 @@ from ..core.budget import Budget, TargetTokens, as_budget
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, register
-from .matching import bipartite_targets
-
-
-def best_edges(metric: Tensor, mergeable: Tensor) -> Tensor:
-    """Each A token's best similarity to a B token (ToMe's ``node_max``), ``[B, ⌈N/2⌉]``.
-
-    The same computation as :func:`~tokenmerge.methods.matching.bipartite_targets`; ``-inf``
-    where the A token or every B token is not mergeable.
-    """
-    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
-    blocked = ~mergeable[:, 0::2, None] | ~mergeable[:, None, 1::2]
-    return scores.masked_fill(blocked, -torch.inf).max(-1).values
+from .matching import best_edges, bipartite_targets
 
 
 def batch_threshold(node_max: Tensor, rb: int) -> tuple[float, Tensor]:
@@ -167,7 +155,7 @@ class DToMe(Method):
         if self._calib is not None:
             b = sig.metric.shape[0]
             rb = int(r.sum()) if isinstance(r, Tensor) else r * b
-            tau, counts = batch_threshold(best_edges(sig.metric, mergeable), rb)
+            tau, counts = batch_threshold(best_edges(sig.metric, mergeable)[0], rb)
             self._calib.add(layer, tau)
             target = bipartite_targets(sig.metric, mergeable, counts)
         else:

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, has_work, register
+from .matching import unit
 from .pruning import attention, candidates, lowest
 
 _GRAPHS = ("spatial", "semantic", "mixed")
@@ -143,7 +144,7 @@ class GTP(Method):
         if self.graph in ("spatial", "mixed"):
             g |= self._spatial(state)
         if self.graph in ("semantic", "mixed") and self.neighbours > 0:
-            x = sig.x / sig.x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            x = unit(sig.x)
             sim = (x @ x.transpose(1, 2)).masked_fill(~nodes[:, None, :] | eye, -torch.inf)
             k = min(self.neighbours, n - 1)
             if k > 0:

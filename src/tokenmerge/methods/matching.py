@@ -6,6 +6,21 @@ import torch
 from torch import Tensor
 
 
+def unit(x: Tensor) -> Tensor:
+    """``x`` scaled to unit L2 norm along the last axis (cosine similarity by dot product)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def best_edges(metric: Tensor, mergeable: Tensor) -> tuple[Tensor, Tensor]:
+    """Each A token's (even position) most similar B token (odd position): ToMe's
+    ``node_max`` and ``node_idx``, ``[B, ⌈N/2⌉]``; ``-inf`` where the A token or every B token
+    is not mergeable."""
+    m = unit(metric)
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
+    blocked = ~mergeable[:, 0::2, None] | ~mergeable[:, None, 1::2]
+    return scores.masked_fill(blocked, -torch.inf).max(-1)
+
+
 def bipartite_targets(
     metric: Tensor,
     mergeable: Tensor,
@@ -30,19 +45,15 @@ def bipartite_targets(
         ``[B, N]`` long: ``target[b, i] = i`` for kept tokens, the B token's index otherwise.
     """
     b, n, _ = metric.shape
-    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, bb = m[:, 0::2], m[:, 1::2]
-    scores = a @ bb.transpose(1, 2)
-    blocked = ~mergeable[:, 0::2, None] | ~mergeable[:, None, 1::2]
-    scores = scores.masked_fill(blocked, -torch.inf)
-    node_max, node_idx = scores.max(-1)
+    node_max, node_idx = best_edges(metric, mergeable)
+    n_a = node_max.shape[1]
     merge = node_max > -torch.inf
     if threshold is not None:
         merge &= node_max > threshold
-    if not (isinstance(r, int) and r >= a.shape[1]):
+    if not (isinstance(r, int) and r >= n_a):
         order = node_max.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(a.shape[1], device=metric.device).expand_as(order)
+            1, order, torch.arange(n_a, device=metric.device).expand_as(order)
         )
         r_t = torch.as_tensor(r, device=metric.device).reshape(-1, 1)
         merge &= rank < r_t

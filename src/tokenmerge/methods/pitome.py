@@ -12,12 +12,13 @@ from torch import Tensor
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, has_work, register
+from .matching import unit
 
 
 def _cosine(metric: Tensor) -> Tensor:
     """``[B, N, N]`` cosine similarities, in at least float32 (energies sum over N terms)."""
     m = metric.to(torch.promote_types(metric.dtype, torch.float32))
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m = unit(m)
     return m @ m.transpose(1, 2)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, has_work, register
+from .matching import unit
 from .pruning import candidates, importance, lowest
 
 _IMPORTANCE = ("cls", "keynorm", "tome")
@@ -119,7 +120,7 @@ class TokenTransforming(Method):
             return None
         b, n = state.pos.shape
         cand = candidates(state)
-        m = sig.metric / sig.metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        m = unit(sig.metric)
         sim = m @ m.transpose(1, 2)
         if self.importance == "cls":
             score = importance(sig, state)

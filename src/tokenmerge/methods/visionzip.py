@@ -11,6 +11,7 @@ from torch import Tensor
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, has_work, register
+from .matching import unit
 from .pruning import candidates, importance, lowest, per_sample
 
 _MERGES = ("mean", "add")
@@ -85,7 +86,7 @@ class VisionZip(Method):
         step = (m // c.clamp_min(1)).clamp_min(1).unsqueeze(1)
         ctx = rest & (j % step == 0) & (j // step < c.unsqueeze(1))
         src = rest & ~ctx
-        key = sig.metric / sig.metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        key = unit(sig.metric)
         sim = (key @ key.transpose(1, 2)).masked_fill(~ctx[:, None, :], -torch.inf)
         assign = sim.argmax(-1)
         ar = torch.arange(n, device=dev).expand(b, n)

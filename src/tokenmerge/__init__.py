@@ -5,7 +5,7 @@
 >>> tm.remove(model)                  # exact original again
 """
 
-from .adapters import UnsupportedModelError
+from .adapters import ReductionNotApplied, UnsupportedModelError
 from .adapters.hf_decoder import ReducedCache, chunked_prefill
 from .api import apply, patch_of, patched, remove, state, summary, supported_families
 from .core import (
@@ -35,6 +35,7 @@ __all__ = [
     "PerLayer",
     "ReducedCache",
     "Reduction",
+    "ReductionNotApplied",
     "TargetFlops",
     "TargetTokens",
     "ToMe",

@@ -44,6 +44,38 @@ class UnsupportedModelError(TypeError):
     """Raised for a model (or a block inside it) that no adapter recognises."""
 
 
+class ReductionNotApplied(RuntimeError):
+    """A method with a non-zero budget ran, but the reduction it scheduled did not happen.
+
+    Raised by every site's run-time self-check (a hook that never ran, a cache that was not
+    reduced, token counts that differ from the schedule), so that a framework change that
+    bypasses tokenmerge never returns unreduced results silently.
+    """
+
+
+def framework_versions() -> str:
+    """``"torch 2.x, transformers 5.y, timm 1.z, ..."`` for the frameworks installed."""
+    from importlib import metadata
+
+    out = []
+    for dist in ("torch", "transformers", "timm", "sentence-transformers"):
+        try:
+            out.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def not_applied(site: str, method: Method, what: str) -> ReductionNotApplied:
+    """The error of a failed self-check: names the site, the method and the versions."""
+    return ReductionNotApplied(
+        f"tokenmerge: {type(method).__name__} ({method.name!r}) at the {site!r} site scheduled "
+        f"a reduction that did not happen: {what}. Installed: {framework_versions()}. The "
+        "model ran unreduced; this framework version is not handled by tokenmerge here "
+        "(please report it), so the result was not returned"
+    )
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """How to run one block of a family, given the block module ``m``.

@@ -17,6 +17,7 @@ two models, or two threads running one model, never share it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -59,10 +60,8 @@ def framework_versions() -> str:
 
     out = []
     for dist in ("torch", "transformers", "timm", "sentence-transformers"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
     return ", ".join(out)
 
 

@@ -42,6 +42,9 @@ class Budget(ABC):
         """True when this budget never removes anything."""
         return False
 
+    def validate(self, depth: int) -> None:
+        """Refuse, before any forward, a budget that cannot fit a model of ``depth`` layers."""
+
 
 def _clamped(rs: Sequence[float], n0: int, p: int, max_r: MaxR) -> list[int]:
     out, n = [], n0

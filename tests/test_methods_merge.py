@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import all_models, images, make
+from test_reduction import naive_split
 
 import tokenmerge as tm
 from tokenmerge.core.budget import as_budget
@@ -59,15 +60,13 @@ def naive_pitome(metric, mergeable, r, margin, alpha):
 
 
 def naive_edges(metric, mergeable):
-    """ToMe's bipartite edges for one sample: each A (even) token's best B (odd) token."""
-    n = len(metric)
+    """ToMe's bipartite edges for one sample: each A token's best B token (``naive_split``)."""
     edges = []
-    for i in range(0, n, 2):
-        if not mergeable[i]:
-            continue
+    a, b = naive_split(mergeable)
+    for i in a:
         best, best_j = -math.inf, None
-        for j in range(1, n, 2):
-            if mergeable[j] and cos(metric, i, j) > best:
+        for j in b:
+            if cos(metric, i, j) > best:
                 best, best_j = cos(metric, i, j), j
         if best_j is not None:
             edges.append((best, i, best_j))

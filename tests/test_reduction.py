@@ -10,6 +10,17 @@ from tokenmerge.core import Reduction
 from tokenmerge.methods.matching import bipartite_targets
 
 
+def naive_split(mergeable):
+    """ToMe's sets A and B: the mergeable tokens alternate A, B, A, ... in position order, the
+    first one in A when its position is even (the paper's even/odd split when they are
+    contiguous)."""
+    idx = [i for i, m in enumerate(mergeable) if m]
+    if not idx:
+        return [], []
+    a = [i for k, i in enumerate(idx) if (k + idx[0]) % 2 == 0]
+    return a, [i for i in idx if i not in a]
+
+
 def naive_tome(x, size, metric, protected, r):
     """ToMe's bipartite soft matching for one sample, written with plain loops from the paper.
 
@@ -19,16 +30,11 @@ def naive_tome(x, size, metric, protected, r):
     cos = lambda i, j: float(  # noqa: E731
         torch.dot(metric[i], metric[j]) / (metric[i].norm() * metric[j].norm())
     )
-    a = [i for i in range(0, n, 2)]
-    b = [j for j in range(1, n, 2)]
+    a, b = naive_split([not p for p in protected])
     edges = []
     for i in a:
-        if protected[i]:
-            continue
         best, best_j = -float("inf"), None
         for j in b:
-            if protected[j]:
-                continue
             s = cos(i, j)
             if s > best:
                 best, best_j = s, j
@@ -51,9 +57,10 @@ def naive_tome(x, size, metric, protected, r):
     n=st.integers(3, 24),
     r_frac=st.floats(0.0, 1.0),
     n_prot=st.integers(0, 2),
+    inner=st.integers(0, 3),
     seed=st.integers(0, 10_000),
 )
-def test_bipartite_matches_naive_reference(n, r_frac, n_prot, seed):
+def test_bipartite_matches_naive_reference(n, r_frac, n_prot, inner, seed):
     g = torch.Generator().manual_seed(seed)
     b, c = 2, 5
     x = torch.randn(b, n, c, generator=g, dtype=torch.float64)
@@ -61,9 +68,12 @@ def test_bipartite_matches_naive_reference(n, r_frac, n_prot, seed):
     size = torch.randint(1, 4, (b, n), generator=g).double()
     protected = torch.zeros(b, n, dtype=torch.bool)
     protected[:, :n_prot] = True
-    r = int(r_frac * ((n - n_prot) // 2))
+    if inner:  # protected tokens between mergeable ones (a [SEP] inside a text pair)
+        protected[:, torch.randperm(n, generator=g)[:inner]] = True
+    r = int(r_frac * ((n - int(protected.sum(1).max())) // 2))
     red = Reduction.from_targets(bipartite_targets(metric, ~protected, r))
     y, s = red.apply(x, size)
+    assert red.n_out == n - r  # exactly r merges, wherever the protected tokens sit
     for i in range(b):
         ref_x, ref_s = naive_tome(x[i], size[i], metric[i], protected[i], r)
         torch.testing.assert_close(y[i], ref_x)

@@ -335,7 +335,6 @@ def _untouched(model) -> bool:
         (lambda: make_text("bert-sdpa", "BertForMaskedLM"), "one output per input token"),
         (lambda: make_text("bert-sdpa", "BertForTokenClassification"), "one output per input"),
         (lambda: make_text("bert-eager", "BertLMHeadModel", is_decoder=True), "decoder"),
-        (lambda: make_text("bert-sdpa", output_hidden_states=True), "output_hidden_states"),
     ],
 )
 def test_unsupported_heads_and_configs_are_refused_by_name(build, match):

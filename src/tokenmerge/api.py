@@ -23,7 +23,8 @@ def apply(model: nn.Module, method: Method) -> nn.Module:
     """Patch ``model`` in place so that ``method`` reduces its tokens; returns ``model``.
 
     Raises:
-        ValueError: the model is already patched (call :func:`remove` first).
+        ValueError: the model, one of its submodules or a model it is part of is already
+            patched (call :func:`remove` on that one first).
         UnsupportedModelError: no adapter recognises the model; the message lists the families.
     """
     if not isinstance(method, Method):
@@ -33,6 +34,14 @@ def apply(model: nn.Module, method: Method) -> nn.Module:
             f"{type(model).__name__} is already patched with {getattr(model, ATTR).method}; "
             "call tokenmerge.remove(model) before applying another method"
         )
+    for name, sub in model.named_modules():
+        inner = vars(sub).get(ATTR)
+        if inner is not None and sub is not model:
+            raise ValueError(
+                f"cannot patch {type(model).__name__}: its submodule {name!r} "
+                f"({type(sub).__name__}) is already patched by tokenmerge ({inner.method.name}); "
+                "call tokenmerge.remove on that submodule first"
+            )
     for adapter in ADAPTERS:
         if adapter.matches(model):
             if method.site not in adapter.sites:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ from ..core.state import Signals, TokenState
 from ..methods.base import Method, has_work
 
 ATTR = "_tokenmerge_patch"
+#: set on every module a patch changes: the patch that owns it
+CLAIM = "_tokenmerge_claim"
 
 # Captured q/k of the attention call in progress (set only around that call, per thread).
 _CAPTURE: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar(
@@ -107,21 +110,38 @@ class Target:
     cost: CostModel
     n_prefix: int  # leading protected tokens (CLS, registers, distillation)
     prop_attn: bool  # the family's default for proportional attention
-    grid: Callable[[int], tuple[int, int] | None] = lambda n: None
+    # The patch embedding (a conv) whose output ``[B, C, h, w]`` gives each forward's patch grid;
+    # the grid is read at run time (non-square and dynamic-size inputs), never guessed.
+    grid_from: nn.Module | None = None
+    # The module whose forward must run every patched block (default: the patched model); its
+    # hooks start each call and check afterwards that the blocks really ran.
+    entry: nn.Module | None = None
+    # Per-token outputs (backbones, masked-image heads, mean-pooling heads): every block hands
+    # the full token grid on, so whatever the model reshapes or averages has the original layout.
+    dense: bool = False
     # (object, attribute, factory(patch) -> value): instance attributes to override
     extra_patches: list[tuple[object, str, Callable[[Patch], Any]]] = field(default_factory=list)
     # (module, factory(patch) -> hook): forward pre-hooks with kwargs (e.g. pooling heads)
     pre_hooks: list[tuple[nn.Module, Callable[[Patch], Callable]]] = field(default_factory=list)
     # (module, factory(patch) -> hook): forward hooks with kwargs, run after the module
     post_hooks: list[tuple[nn.Module, Callable[[Patch], Callable]]] = field(default_factory=list)
-    # Text models: the module whose forward arguments (input_ids, attention_mask) are recorded
-    # for ``init``, and ``init(x, inputs) -> (protected [B, N], size [B, N] or None)`` that
-    # replaces the default "the first n_prefix tokens are protected, no padding".
-    inputs_from: nn.Module | None = None
-    init: Callable[[Tensor, dict[str, Any]], tuple[Tensor, Tensor | None]] | None = None
+    # Text models: ``init(x) -> (protected [B, N], size [B, N] or None)`` replaces the default
+    # "the first n_prefix tokens are protected, no padding".
+    init: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None
     # Padded batches (text): after each reduction, drop the padding slots (size 0) so that the
     # batch narrows to its longest remaining sequence instead of keeping every pad position.
     compact_padding: bool = False
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every module this target changes (blocks, hooked and overridden modules), once."""
+        found = [model, *self.blocks, self.grid_from, self.entry]
+        found += [m for m, _ in self.pre_hooks + self.post_hooks]
+        found += [o for o, _, _ in self.extra_patches]
+        out: dict[int, nn.Module] = {}
+        for m in found:
+            if isinstance(m, nn.Module):
+                out.setdefault(id(m), m)
+        return list(out.values())
 
 
 class Adapter(ABC):
@@ -159,6 +179,13 @@ def check_blocks(blocks: list[nn.Module], expected: str, family: str) -> None:
 
 
 @dataclass
+class _Call:
+    """One call of the entry module (or of a wrapped method such as ``forward_intermediates``)."""
+
+    dense: bool
+
+
+@dataclass
 class _Run:
     """One forward pass: its token state and budget schedule.
 
@@ -168,11 +195,21 @@ class _Run:
 
     state: TokenState
     schedule: list[int | Tensor]
+    call: _Call | None = None  # the entry call this forward belongs to
+    dense: bool = False  # blocks hand the full token grid on (see ``Target.dense``)
     reduced: bool = False
+    ran: int = 0  # blocks run so far (they run in order, once each)
 
 
 class Patch:
-    """A method attached to a model's blocks; undone by :meth:`remove`."""
+    """A method attached to a model's blocks; undone by :meth:`remove`.
+
+    Besides the blocks, a patch marks every module it changes (``CLAIM``), so that a parent or
+    a child of a patched module is refused instead of being patched twice, and overrides the
+    model's ``__deepcopy__`` (a deep copy is an independent patched copy) and every changed
+    module's ``__reduce_ex__`` (pickling says to call :func:`tokenmerge.remove` first: hooks
+    and per-forward state do not pickle).
+    """
 
     def __init__(self, model: nn.Module, method: Method, target: Target) -> None:
         self.model = model
@@ -182,14 +219,28 @@ class Patch:
         self._run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
             f"tokenmerge_run_{id(self)}", default=None
         )
-        self._inputs: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-            f"tokenmerge_inputs_{id(self)}", default=None
+        self._call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+            f"tokenmerge_call_{id(self)}", default=None
+        )
+        self._grid: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+            f"tokenmerge_grid_{id(self)}", default=None
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
+        if self.target.blocks:
+            self.method.budget.validate(len(self.target.blocks))
+        changed = self.target.modules(self.model)
+        for m in changed:
+            owner = vars(m).get(CLAIM)
+            if owner is not None:
+                raise ValueError(
+                    f"cannot patch {type(self.model).__name__}: its {type(m).__name__} is "
+                    f"already patched by tokenmerge as part of {type(owner.model).__name__} "
+                    f"({owner.method.name}); call tokenmerge.remove on that model first"
+                )
         spec = self.target.spec
         need_q = "queries" in self.method.needs
         for i, block in enumerate(self.target.blocks):
@@ -199,17 +250,21 @@ class Patch:
                 self._handles.append(spec.q(block).register_forward_hook(_capture("q")))
         for obj, attr, factory in self.target.extra_patches:
             self._override(obj, attr, factory(self))
-        if self.target.inputs_from is not None:
-            self._handles.append(
-                self.target.inputs_from.register_forward_pre_hook(
-                    self._record_inputs, with_kwargs=True
-                )
-            )
+        if self.target.grid_from is not None:
+            self._handles.append(self.target.grid_from.register_forward_hook(self._record_grid))
+        if self.target.blocks:
+            entry = self.target.entry or self.model
+            self._handles.append(entry.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self._handles.append(entry.register_forward_hook(self._leave, with_kwargs=True))
         for module, factory in self.target.pre_hooks:
             self._handles.append(module.register_forward_pre_hook(factory(self), with_kwargs=True))
         for module, factory in self.target.post_hooks:
             self._handles.append(module.register_forward_hook(factory(self), with_kwargs=True))
-        setattr(self.model, ATTR, self)
+        for m in changed:
+            self._override(m, CLAIM, self)
+            self._override(m, "__reduce_ex__", _refuse_pickle(self, m))
+        self._override(self.model, "__deepcopy__", self._deepcopy)
+        self._override(self.model, ATTR, self)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -221,13 +276,26 @@ class Patch:
             else:
                 delattr(obj, attr)
         self._saved.clear()
-        if getattr(self.model, ATTR, None) is self:
-            delattr(self.model, ATTR)
 
     def _override(self, obj: object, attr: str, value: Any) -> None:
         had = attr in vars(obj)
         self._saved.append((obj, attr, had, vars(obj).get(attr)))
         setattr(obj, attr, value)
+
+    def _deepcopy(self, memo: dict[int, Any]) -> nn.Module:
+        """``copy.deepcopy(model)``: an unpatched deep copy, patched with a copy of the method.
+
+        The original is un-patched for the duration of the copy (do not run it from another
+        thread meanwhile) and re-patched exactly as before.
+        """
+        from ..api import apply  # the public entry point re-derives the target for the copy
+
+        self.remove()
+        try:
+            clone = copy.deepcopy(self.model, memo)
+        finally:
+            self.install()
+        return apply(clone, copy.deepcopy(self.method, memo))
 
     # ------------------------------------------------------------------ per-forward state
     @property
@@ -236,27 +304,74 @@ class Patch:
         run = self._run.get()
         return None if run is None else run.state
 
-    def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._inputs.set({"args": args, **kwargs})
+    @contextlib.contextmanager
+    def dense_call(self) -> Iterator[_Call]:
+        """Run the blocks called inside in dense mode (for methods such as timm's
+        ``forward_intermediates`` that read per-layer token maps)."""
+        call = _Call(dense=True)
+        token = self._call.set(call)
+        try:
+            yield call
+        finally:
+            self._call.reset(token)
+        run = self._run.get()
+        if run is not None and run.call is call:
+            self._verify(run)
+
+    def _record_grid(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() == 4:
+            self._grid.set((int(output.shape[-2]), int(output.shape[-1])))
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("output_hidden_states")
+        if hidden is None:
+            hidden = getattr(getattr(module, "config", None), "output_hidden_states", False)
+        self._call.set(_Call(dense=self.target.dense or bool(hidden)))
+
+    def _leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call = self._call.get()
+        self._call.set(None)
+        if call is None or self.method.budget.is_zero:
+            return
+        run = self._run.get()
+        depth = len(self.target.blocks)
+        ran = 0 if run is None or run.call is not call else run.ran
+        if ran != depth:
+            raise not_applied(
+                "block",
+                self.method,
+                f"{type(module).__name__}.forward ran {ran} of its {depth} patched blocks (a "
+                "framework change bypasses the block forwards tokenmerge installed)",
+            )
 
     def _start(self, x: Tensor) -> _Run:
         b, n, _ = x.shape
+        p = min(self.target.n_prefix, n)
         if self.target.init is not None:
-            protected, size = self.target.init(x, self._inputs.get() or {})
+            protected, size = self.target.init(x)
         else:
             protected = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-            protected[:, : min(self.target.n_prefix, n)] = True
+            protected[:, :p] = True
             size = None
-        p = min(self.target.n_prefix, n)
+        grid = self._grid.get()
+        self._grid.set(None)  # consumed: a later forward without a patch embedding has none
+        if grid is not None and grid[0] * grid[1] != n - p:
+            grid = None
         state = TokenState.start(
             x,
             protected,
             size=size,
-            grid=self.target.grid(n - p),
+            grid=grid,
             n_prefix=p,
             depth=len(self.target.blocks),
         )
-        run = _Run(state, self._schedule(state))
+        call = self._call.get()
+        run = _Run(
+            state,
+            self._schedule(state),
+            call=call,
+            dense=self.target.dense if call is None else call.dense,
+        )
         self._run.set(run)
         return run
 
@@ -264,29 +379,76 @@ class Patch:
         depth, budget = len(self.target.blocks), self.method.budget
         if budget.is_zero:
             return [0] * depth
+        b, n = st.pos.shape
+        if self.target.init is None or b == 0:
+            # every sample has the same length and protected prefix: no data to read
+            return list(self._resolve(n, st.n_prefix))
         lengths = st.counts.tolist()
         n_prot = (st.protected & st.valid).sum(1).tolist()
-        min_tokens = self.method.min_tokens
-
-        def one(n: int, p: int) -> tuple[int, ...]:
-            if n < min_tokens:
-                return (0,) * depth
-            return resolve(budget, n, p, self.target.cost, self.method.max_r)
-
-        rows = {(n, p): one(n, p) for n, p in zip(lengths, n_prot, strict=True)}
+        rows: dict[tuple[int, int], tuple[int, ...]] = {}
+        for i, key in enumerate(zip(lengths, n_prot, strict=True)):
+            if key in rows:
+                continue
+            try:
+                rows[key] = self._resolve(*key)
+            except ValueError as e:
+                if len(set(lengths)) == 1:
+                    raise
+                raise ValueError(
+                    f"sample {i} of this padded batch has {key[0]} real tokens ({key[1]} "
+                    f"protected), and every sample gets the schedule of its own length: {e}. "
+                    "Use a budget that scales with the length (tm.KeepRatio(0.9)) or leave short "
+                    f"samples unreduced (min_tokens={key[0] + 1} or more)"
+                ) from None
         if len(rows) == 1:
             return list(next(iter(rows.values())))
-        per = torch.tensor([rows[n, p] for n, p in zip(lengths, n_prot, strict=True)])
+        per = torch.tensor([rows[k] for k in zip(lengths, n_prot, strict=True)])
         return list(per.T.to(st.pos.device))
+
+    def _resolve(self, n: int, p: int) -> tuple[int, ...]:
+        if n < self.method.min_tokens:
+            return (0,) * len(self.target.blocks)
+        return resolve(self.method.budget, n, p, self.target.cost, self.method.max_r)
+
+    def _verify(self, run: _Run) -> None:
+        """The self-check: the token counts reached are the ones the schedule asked for."""
+        m, st = self.method, run.state
+        b = st.pos.shape[0]
+        if m.budget.is_zero or m.dynamic or not m.exact_counts or b == 0 or not run.ran:
+            return
+        got = torch.stack(st.tokens_per_layer[: run.ran])  # [L, B]
+        start = st.tokens_in if st.tokens_in is not None else torch.full((b,), st.n_orig)
+        steps = [torch.as_tensor(r).expand(b) for r in run.schedule[: run.ran]]
+        want = start.to(got.device) - torch.stack(steps).to(got.device).cumsum(0)
+        bad = (got != want).nonzero()
+        if len(bad):
+            layer, sample = (int(v) for v in bad[0])
+            raise not_applied(
+                "block",
+                m,
+                f"after block {layer} sample {sample} has {int(got[layer, sample])} tokens, "
+                f"but the schedule leaves {int(want[layer, sample])}",
+            )
 
     def _make_forward(self, block: nn.Module, i: int) -> Callable[..., Tensor]:
         spec, method = self.target.spec, self.method
+        depth = len(self.target.blocks)
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             run = self._start(x) if i == 0 else self._run.get()
-            if run is None:
-                raise RuntimeError("tokenmerge: a patched block ran before block 0 of its model")
+            if run is None or run.ran != i:
+                raise RuntimeError(
+                    f"tokenmerge: patched block {i} ran out of order (after "
+                    f"{'no block' if run is None else f'{run.ran} blocks'}); the blocks of a "
+                    "patched model must run once each, in order (layer dropping and "
+                    "gradient checkpointing are not supported)"
+                )
             st = run.state
+            if i == 0 and self.target.init is None and not self.method.budget.is_zero:
+                _refuse_custom_mask(args, kwargs)
+            grid_in = x
+            if run.dense and run.reduced:  # the full grid the previous block handed on
+                x = _from_grid(st, x, i)
             if run.reduced:
                 mask = st.attn_bias(self.prop_attn, x.dtype)
             else:  # nothing reduced yet: the model's own mask, so budget 0 is bit-identical
@@ -299,7 +461,11 @@ class Patch:
             finally:
                 _CAPTURE.reset(token)
             r = run.schedule[i]
-            if method.dynamic or has_work(r):
+            if h.shape[0] == 0:  # an empty batch: no scores, only the shapes of the schedule
+                if has_work(r) and not method.dynamic and method.exact_counts:
+                    h = st.reduce(h, _empty_reduction(h.shape[1], h.shape[1] - int(r), h.device))
+                    run.reduced = True
+            elif method.dynamic or has_work(r):
                 sig = Signals(
                     x=h,
                     k=_heads(cap["k"], spec.layout, spec.heads(block)),
@@ -317,9 +483,69 @@ class Patch:
             m = spec.mlp(block, h)
             out = m if spec.post_norm else h + m
             st.tokens_per_layer.append(st.counts)
+            run.ran += 1
+            if run.dense and run.reduced:
+                out = _to_grid(st, out, grid_in)
+            if run.ran == depth:
+                self._verify(run)
             return out
 
         return forward
+
+
+def _refuse_custom_mask(args: tuple, kwargs: dict) -> None:
+    """Merged tokens cannot follow a caller's own attention mask or causal attention."""
+    mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+    if mask is not None or kwargs.get("is_causal"):
+        raise ValueError(
+            "tokenmerge: this vision model was called with its own attention mask (attn_mask="
+            "/attention_mask=) or is_causal=True; a mask over the original tokens cannot follow "
+            "merged or pruned ones. Call it without a mask, or tm.remove(model) first"
+        )
+
+
+def _from_grid(st: TokenState, x: Tensor, i: int) -> Tensor:
+    """Dense mode: the current tokens, read back from the full grid at their representatives
+    (exact: a representative's grid slot holds its own token's value)."""
+    if x.shape[1] != st.n_orig:
+        raise RuntimeError(
+            f"tokenmerge (dense outputs): block {i} received {x.shape[1]} tokens, not the full "
+            f"grid of {st.n_orig} the previous block handed on"
+        )
+    return x.gather(1, st.pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _to_grid(st: TokenState, y: Tensor, grid_in: Tensor) -> Tensor:
+    """Dense mode: spread the block's output over the full grid (tomesd's unmerge); a token that
+    was pruned (it sends mass nowhere) keeps the value it had when it entered this block."""
+    lost = st.source.weight.sum(-1) <= 0
+    return torch.where(lost.unsqueeze(-1), grid_in, st.unmerge(y))
+
+
+def _empty_reduction(n_in: int, n_out: int, device: torch.device) -> Reduction:
+    """A selection for an empty batch: ``[0, n_in] -> [0, n_out]``."""
+    return Reduction(
+        index=torch.zeros(0, n_in, 1, dtype=torch.long, device=device),
+        weight=torch.zeros(0, n_in, 1, device=device),
+        rep=torch.zeros(0, n_out, dtype=torch.long, device=device),
+        selection=True,
+    )
+
+
+def _refuse_pickle(patch: Patch, obj: nn.Module) -> Callable[[int], Any]:
+    """A ``__reduce_ex__`` that says how to save a patched model instead of a pickling error
+    about local functions."""
+
+    def reduce_ex(protocol: int) -> Any:
+        raise TypeError(
+            f"cannot pickle {type(obj).__name__}: it is patched by tokenmerge "
+            f"({patch.method.name} on {type(patch.model).__name__}), and a patch's hooks and "
+            "per-forward state do not pickle. Call tokenmerge.remove(model) first (save the "
+            "unpatched model or its state_dict, and call tokenmerge.apply again after "
+            "loading); copy.deepcopy(model) of the patched model itself works"
+        )
+
+    return reduce_ex
 
 
 def _capture(name: str) -> Callable[..., None]:

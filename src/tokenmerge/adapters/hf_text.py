@@ -33,6 +33,8 @@ How text differs from images:
 - **Sizes at the output.** The encoder returns the merged tokens, ``[B, N', C]``;
   :func:`mean_pool` weights them by size (``tm.state(model).size``, 0 for padding).
   ``tm.state(model).unmerge(h)`` copies them back onto the input grid.
+  A call with ``output_hidden_states`` runs dense: every block hands the full token grid on, so
+  every hidden state, the output included, has the input's ``[B, N, C]`` layout.
 
 A ``SentenceTransformer`` is patched through its ``Transformer`` module: the encoder's merged
 token embeddings are copied back onto the original token grid before pooling, so every
@@ -181,11 +183,6 @@ def _check_model(model: nn.Module, fam: _Family) -> nn.Module:
             f"the size bias as a float mask); load the model with attn_implementation in "
             f"{_IMPLEMENTATIONS}"
         )
-    if getattr(cfg, "output_hidden_states", False):
-        raise UnsupportedModelError(
-            f"{fam.name}: config.output_hidden_states=True; the hidden states of every layer "
-            "have different token counts once tokens merge. Turn it off to merge."
-        )
     base = model.base_model
     if type(base).__name__ != f"{fam.prefix}Model":
         raise UnsupportedModelError(
@@ -281,12 +278,12 @@ def _record_first(
 
 def _make_init(
     rec: contextvars.ContextVar, special: set[int], family: str
-) -> Callable[[Tensor, dict[str, Any]], tuple[Tensor, Tensor | None]]:
+) -> Callable[[Tensor], tuple[Tensor, Tensor | None]]:
     """``init(x, inputs)`` for the patch engine: protected tokens and initial sizes (0 = pad),
     from the input ids and layer mask recorded by the pre-hooks in ``rec``."""
     special_t = torch.tensor(sorted(special), dtype=torch.long) if special else None
 
-    def init(x: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    def init(x: Tensor) -> tuple[Tensor, Tensor | None]:
         b, n, _ = x.shape
         got = rec.get() or {}
         valid = _key_padding(got.get("mask"), b, n, x.device, family)
@@ -327,6 +324,7 @@ def _text_target(model: nn.Module, fam: _Family, extra_special: set[int] = froze
         n_prefix=1,
         prop_attn=False,  # measured on MiniLM: +log(size) costs cosine (module docstring)
         init=_make_init(rec, _config_special_ids(base.config) | set(extra_special), fam.name),
+        entry=base,
         pre_hooks=[
             (base.embeddings, _record_first("ids", 0, ("input_ids",), rec)),
             (blocks[0], _record_first("mask", 1, ("attention_mask",), rec)),

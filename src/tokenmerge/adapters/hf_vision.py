@@ -2,6 +2,21 @@
 
 Each family is a :class:`BlockSpec` over transformers' own modules; attention still dispatches
 through ``config._attn_implementation`` (``sdpa`` or ``eager``), with our bias as its mask.
+
+Every model class is listed with what its head reads (:data:`HEADS`):
+
+- ``"tokens"``: base models and heads that read the (protected, never merged) CLS token or a
+  size-aware pooler. ``last_hidden_state`` holds the merged tokens
+  (``tm.state(model).unmerge`` puts them back on the grid).
+- ``"dense"``: backbones (``*Backbone`` reshape every stage to a feature map), masked-image
+  modelling heads (they reshape the tokens to decode pixels) and classification heads that
+  average the patch tokens. They run in dense mode: every block hands the full token grid on
+  (tomesd's merge -> compute -> unmerge), so every map has the unpatched shape and a mean over
+  patches is the mean over the original grid.
+
+A call with ``output_hidden_states`` runs dense too, so every hidden state has the full grid.
+Any other class of these families is refused by name. The patch grid comes from the patch
+embedding's output at run time (non-square inputs, ``interpolate_pos_encoding``).
 """
 
 from __future__ import annotations
@@ -19,7 +34,6 @@ from .base import (
     UnsupportedModelError,
     check_blocks,
     class_names,
-    square_grid,
 )
 
 _VIT = BlockSpec(  # ViTLayer / DeiTLayer: layernorm_before, attention, layernorm_after, mlp
@@ -53,26 +67,64 @@ _CLIP = BlockSpec(  # CLIPEncoderLayer / SiglipEncoderLayer: layer_norm1, self_a
 @dataclass(frozen=True)
 class _Family:
     name: str
-    models: tuple[str, ...]  # model classes (by name) that carry this family
+    prefix: str  # its model classes subclass ``<prefix>PreTrainedModel``
     layer: str  # the exact layer class the spec was written for
     spec: BlockSpec
     prop_attn: bool
 
 
 _FAMILIES = (
-    _Family("hf-vit", ("ViTModel", "ViTPreTrainedModel"), "ViTLayer", _VIT, True),
-    _Family("hf-deit", ("DeiTModel", "DeiTPreTrainedModel"), "DeiTLayer", _VIT, True),
-    _Family("hf-dinov2", ("Dinov2Model", "Dinov2PreTrainedModel"), "Dinov2Layer", _DINOV2, True),
+    _Family("hf-vit", "ViT", "ViTLayer", _VIT, True),
+    _Family("hf-deit", "DeiT", "DeiTLayer", _VIT, True),
+    _Family("hf-dinov2", "Dinov2", "Dinov2Layer", _DINOV2, True),
     _Family(
-        "hf-dinov2-registers",
-        ("Dinov2WithRegistersModel", "Dinov2WithRegistersPreTrainedModel"),
-        "Dinov2WithRegistersLayer",
-        _DINOV2,
-        True,
+        "hf-dinov2-registers", "Dinov2WithRegisters", "Dinov2WithRegistersLayer", _DINOV2, True
     ),
-    _Family("hf-clip-vision", ("CLIPPreTrainedModel",), "CLIPEncoderLayer", _CLIP, False),
-    _Family("hf-siglip-vision", ("SiglipPreTrainedModel",), "SiglipEncoderLayer", _CLIP, False),
+    _Family("hf-clip-vision", "CLIP", "CLIPEncoderLayer", _CLIP, False),
+    _Family("hf-siglip-vision", "Siglip", "SiglipEncoderLayer", _CLIP, False),
 )
+
+
+#: model class -> what its head reads (module docstring); subclasses inherit their parent's
+HEADS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+            "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel",
+            "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipModel",
+            "SiglipVisionModel",
+        ),
+        "tokens",
+    ),
+    **dict.fromkeys(
+        (
+            "Dinov2Backbone", "Dinov2WithRegistersBackbone", "ViTForMaskedImageModeling",
+            "DeiTForMaskedImageModeling", "Dinov2ForImageClassification",
+            "Dinov2WithRegistersForImageClassification", "CLIPForImageClassification",
+            "SiglipForImageClassification",
+        ),
+        "dense",
+    ),
+}  # fmt: skip
+
+
+def _head_of(model: nn.Module, fam: _Family) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in HEADS:
+            return HEADS[cls.__name__]
+    ours = {f.prefix for f in _FAMILIES if f.prefix.startswith(fam.prefix)} - {fam.prefix}
+    known = sorted(
+        n for n in HEADS if n.startswith(fam.prefix) and not any(map(n.startswith, ours))
+    )
+    raise UnsupportedModelError(
+        f"{fam.name}: {type(model).__name__} is not supported (tokenmerge does not know what "
+        f"its head reads from the tokens); supported classes of this family: {', '.join(known)}"
+    )
+
+
+def _patch_conv(root: nn.Module) -> nn.Module | None:
+    """The patch embedding: the first 2-D convolution (its output grid is the patch grid)."""
+    return next((m for m in root.modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def _n_prefix(family: str, cfg) -> int:
@@ -88,7 +140,10 @@ def _siglip_head_bias(patch):
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         st = patch.state
-        if st is None or st.size is None or (not patch.prop_attn and bool(st.valid.all())):
+        key = args[1] if len(args) > 1 else kwargs["key"]  # (probe, tokens, tokens)
+        if st is None or st.size is None or key.shape[1] != st.size.shape[1]:
+            return None  # unreduced, or on the full grid (dense mode)
+        if not patch.prop_attn and bool(st.valid.all()):
             return None
         bias = st.attn_bias(patch.prop_attn, args[0].dtype)  # [B, 1, 1, N]
         b, n = bias.shape[0], bias.shape[-1]
@@ -113,14 +168,15 @@ def _find_blocks(root: nn.Module, fam: _Family) -> list[nn.Module]:
 class HFVision(Adapter):
     family = "hf-vision"
     description = (
-        "transformers ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, "
-        "CLIP vision tower (CLIPModel/CLIPVisionModel), SigLIP vision tower"
+        "transformers ViT, DeiT, DINOv2 (with registers), CLIP and SigLIP vision towers: "
+        "base models, image classification, masked image modelling and backbones "
+        "(dense feature maps)"
     )
 
     def _family(self, model: nn.Module) -> _Family | None:
         names = class_names(model)
         for fam in _FAMILIES:
-            if names & set(fam.models):
+            if f"{fam.prefix}PreTrainedModel" in names:
                 return fam
         return None
 
@@ -131,6 +187,7 @@ class HFVision(Adapter):
         fam = self._family(model)
         assert fam is not None
         root, cfg = model, model.config
+        head = _head_of(model, fam)
         if fam.name in ("hf-clip-vision", "hf-siglip-vision"):
             root = (
                 model if "Vision" in type(model).__name__ else getattr(model, "vision_model", None)
@@ -155,9 +212,9 @@ class HFVision(Adapter):
             mlp_mats=3 if swiglu else 2,
         )
         pre_hooks = []
-        head = next((m for m in root.modules() if type(m).__name__.endswith("PoolingHead")), None)
-        if head is not None:
-            pre_hooks.append((head.attention, _siglip_head_bias))
+        pool = next((m for m in root.modules() if type(m).__name__.endswith("PoolingHead")), None)
+        if pool is not None:
+            pre_hooks.append((pool.attention, _siglip_head_bias))
         return Target(
             family=fam.name,
             blocks=blocks,
@@ -165,7 +222,8 @@ class HFVision(Adapter):
             cost=cost,
             n_prefix=_n_prefix(fam.name, cfg),
             prop_attn=fam.prop_attn,
-            grid=square_grid,
+            grid_from=_patch_conv(root),
+            dense=head == "dense",
             pre_hooks=pre_hooks,
         )
 

@@ -1,6 +1,16 @@
-"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2 with registers, ...)."""
+"""timm ``VisionTransformer`` (ViT, DeiT incl. distilled, DINOv2 with registers, ...).
+
+``forward`` and ``forward_features`` run on merged tokens (``forward_features`` returns them:
+``tm.state(model).unmerge`` puts them back on the grid). ``forward_intermediates`` and
+``get_intermediate_layers``, which reshape tokens into per-layer feature maps, and a model with
+``global_pool=""`` (per-token outputs) run in dense mode: every block hands the full token grid
+on, so every map has the unpatched shape. The patch grid is read from the patch embedding at
+run time, so ``dynamic_img_size`` models and non-square inputs get their true grid.
+"""
 
 from __future__ import annotations
+
+import functools
 
 from torch import Tensor, nn
 
@@ -27,13 +37,28 @@ def _size_weighted_pool(patch):
     def pool(x: Tensor, pool_type: str | None = None) -> Tensor:
         kind = model.global_pool if pool_type is None else pool_type
         st = patch.state
-        if kind != "avg" or st is None or st.size is None:
-            return type(model).pool(model, x, pool_type)
+        if kind != "avg" or st is None or st.size is None or x.shape[1] != st.size.shape[1]:
+            return type(model).pool(model, x, pool_type)  # unreduced, or on the full grid
         p = 0 if model.pool_include_prefix else model.num_prefix_tokens
         w = st.sizes(x.dtype)[:, p:, None]
         return (x[:, p:] * w).sum(1) / w.sum(1)
 
     return pool
+
+
+def _dense_method(model: nn.Module, name: str):
+    """Wrap a method that reshapes per-layer tokens into maps so that its blocks run dense."""
+    fn = getattr(type(model), name)
+
+    def factory(patch):
+        @functools.wraps(fn)
+        def method(*args, **kwargs):
+            with patch.dense_call():
+                return fn(model, *args, **kwargs)
+
+        return method
+
+    return factory
 
 
 class TimmViT(Adapter):
@@ -67,10 +92,13 @@ class TimmViT(Adapter):
             mlp_dim=b0.mlp.fc1.out_features,
             attn_dim=b0.attn.attn_dim,
         )
-        grid = tuple(model.patch_embed.grid_size)
         extra = []
         if model.global_pool == "avg":
             extra.append((model, "pool", _size_weighted_pool))
+        for name in ("forward_intermediates", "get_intermediate_layers"):
+            if hasattr(model, name):
+                extra.append((model, name, _dense_method(model, name)))
+        proj = getattr(model.patch_embed, "proj", None)
         return Target(
             family=self.family,
             blocks=blocks,
@@ -78,7 +106,8 @@ class TimmViT(Adapter):
             cost=cost,
             n_prefix=model.num_prefix_tokens,
             prop_attn=True,
-            grid=lambda n: grid if grid[0] * grid[1] == n else None,
+            grid_from=proj if isinstance(proj, nn.Conv2d) else None,
+            dense=model.global_pool == "",
             extra_patches=extra,
         )
 

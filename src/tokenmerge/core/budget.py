@@ -42,7 +42,7 @@ class Budget(ABC):
         """True when this budget never removes anything."""
         return False
 
-    def validate(self, depth: int) -> None:
+    def validate(self, depth: int) -> None:  # noqa: B027 (a no-op unless depth matters)
         """Refuse, before any forward, a budget that cannot fit a model of ``depth`` layers."""
 
 

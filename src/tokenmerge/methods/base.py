@@ -62,6 +62,10 @@ class Method(ABC):
     #: True for methods whose token count is data-dependent (thresholds): ``reduce`` is then
     #: called at every layer, whatever the schedule says.
     dynamic: ClassVar[bool] = False
+    #: True when ``reduce(r=...)`` removes exactly ``r`` tokens of every sample: the patch then
+    #: checks the counts reached against the schedule (False where ``r`` means something else,
+    #: such as M3's pooling side).
+    exact_counts: ClassVar[bool] = True
 
     r: BudgetLike = 0
     prop_attn: bool | None = None

@@ -79,6 +79,7 @@ class M3(Method):
             (negative counts from the end; ``None``, the default, is the middle block).
     """
 
+    exact_counts: ClassVar[bool] = False  # r is the pooling side, not a token count
     name: ClassVar[str] = "m3"
     layer: int | None = None
 

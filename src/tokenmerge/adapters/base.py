@@ -227,6 +227,7 @@ class Patch:
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
+        self._attachments: tuple[list, list] | None = None
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -241,30 +242,41 @@ class Patch:
                     f"already patched by tokenmerge as part of {type(owner.model).__name__} "
                     f"({owner.method.name}); call tokenmerge.remove on that model first"
                 )
-        spec = self.target.spec
-        need_q = "queries" in self.method.needs
-        for i, block in enumerate(self.target.blocks):
-            self._override(block, "forward", self._make_forward(block, i))
-            self._handles.append(spec.k(block).register_forward_hook(_capture("k")))
-            if need_q:
-                self._handles.append(spec.q(block).register_forward_hook(_capture("q")))
-        for obj, attr, factory in self.target.extra_patches:
-            self._override(obj, attr, factory(self))
-        if self.target.grid_from is not None:
-            self._handles.append(self.target.grid_from.register_forward_hook(self._record_grid))
-        if self.target.blocks:
-            entry = self.target.entry or self.model
-            self._handles.append(entry.register_forward_pre_hook(self._enter, with_kwargs=True))
-            self._handles.append(entry.register_forward_hook(self._leave, with_kwargs=True))
-        for module, factory in self.target.pre_hooks:
-            self._handles.append(module.register_forward_pre_hook(factory(self), with_kwargs=True))
-        for module, factory in self.target.post_hooks:
-            self._handles.append(module.register_forward_hook(factory(self), with_kwargs=True))
+        if self._attachments is None:
+            self._attachments = self._build(changed)
+        overrides, hooks = self._attachments
+        for obj, attr, value in overrides:
+            self._override(obj, attr, value)
+        for module, kind, hook in hooks:
+            if kind == "pre":
+                handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            else:  # "post" hooks read the output; "post_kw" ones the call's kwargs too
+                handle = module.register_forward_hook(hook, with_kwargs=kind == "post_kw")
+            self._handles.append(handle)
+
+    def _build(self, changed: list[nn.Module]) -> tuple[list, list]:
+        """The instance attributes and hooks :meth:`install` attaches, built once: a re-install
+        (around a deep copy) attaches the very same objects again."""
+        t, spec = self.target, self.target.spec
+        overrides: list[tuple[object, str, Any]] = []
+        hooks: list[tuple[nn.Module, str, Callable]] = []
+        for i, block in enumerate(t.blocks):
+            overrides.append((block, "forward", self._make_forward(block, i)))
+            hooks.append((spec.k(block), "post", _capture("k")))
+            if "queries" in self.method.needs:
+                hooks.append((spec.q(block), "post", _capture("q")))
+        overrides += [(obj, attr, factory(self)) for obj, attr, factory in t.extra_patches]
+        if t.grid_from is not None:
+            hooks.append((t.grid_from, "post", self._record_grid))
+        if t.blocks:
+            entry = t.entry or self.model
+            hooks += [(entry, "pre", self._enter), (entry, "post_kw", self._leave)]
+        hooks += [(m, "pre", factory(self)) for m, factory in t.pre_hooks]
+        hooks += [(m, "post_kw", factory(self)) for m, factory in t.post_hooks]
         for m in changed:
-            self._override(m, CLAIM, self)
-            self._override(m, "__reduce_ex__", _refuse_pickle(self, m))
-        self._override(self.model, "__deepcopy__", self._deepcopy)
-        self._override(self.model, ATTR, self)
+            overrides += [(m, CLAIM, self), (m, "__reduce_ex__", _refuse_pickle(self, m))]
+        overrides += [(self.model, "__deepcopy__", self._deepcopy), (self.model, ATTR, self)]
+        return overrides, hooks
 
     def remove(self) -> None:
         for h in self._handles:

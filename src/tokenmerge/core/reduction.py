@@ -150,11 +150,11 @@ class Reduction:
         y = x.new_zeros(b, self.n_out, c).scatter_add_(1, idx, contrib)
         if self.mode == "sum":
             return y, new_size
-        denom = x.new_zeros(b, self.n_out).scatter_add_(1, idx[..., 0], w.reshape(b, -1))
+        denom = x.new_zeros(b, self.n_out).scatter_add_(1, idx[..., 0], w.reshape(b, n * self.k))
         y = y / denom.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1)
         if self.mode == "mlerp":
-            norms = x.norm(dim=-1, keepdim=True).expand(-1, -1, self.k).reshape(b, -1)
-            norms = norms.masked_fill(self.weight.reshape(b, -1) <= 0, 0.0)
+            norms = x.norm(dim=-1, keepdim=True).expand(-1, -1, self.k).reshape(b, n * self.k)
+            norms = norms.masked_fill(self.weight.reshape(b, n * self.k) <= 0, 0.0)
             target = x.new_zeros(b, self.n_out).scatter_reduce_(1, idx[..., 0], norms, "amax")
             y = y * (target / y.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
         return y, new_size
@@ -169,7 +169,7 @@ class Reduction:
         if self.k == 1:
             out = y.gather(1, self.index.expand(-1, -1, c))
             return out * (self.weight > 0).to(y.dtype)
-        g = y.gather(1, self.index.reshape(b, -1, 1).expand(-1, -1, c)).view(
+        g = y.gather(1, self.index.reshape(b, self.n_in * self.k, 1).expand(-1, -1, c)).view(
             b, self.n_in, self.k, c
         )
         w = self.weight.to(y.dtype)
@@ -182,11 +182,11 @@ class Reduction:
         Weights multiply along paths. Soft maps can fan out; at most ``max_k`` destinations per
         input are kept (the largest weights), which is exact for pruning and merging (k = 1).
         """
-        b = self.index.shape[0]
-        idx2 = nxt.index.gather(1, self.index.reshape(b, -1, 1).expand(-1, -1, nxt.k))
-        w2 = nxt.weight.gather(1, self.index.reshape(b, -1, 1).expand(-1, -1, nxt.k))
+        b, flat = self.index.shape[0], self.n_in * self.k  # explicit sizes: b may be 0
+        idx2 = nxt.index.gather(1, self.index.reshape(b, flat, 1).expand(-1, -1, nxt.k))
+        w2 = nxt.weight.gather(1, self.index.reshape(b, flat, 1).expand(-1, -1, nxt.k))
         index = idx2.reshape(b, self.n_in, self.k * nxt.k)
-        weight = (w2 * self.weight.reshape(b, -1, 1)).reshape(b, self.n_in, self.k * nxt.k)
+        weight = (w2 * self.weight.reshape(b, flat, 1)).reshape(b, self.n_in, self.k * nxt.k)
         if index.shape[-1] > max_k:
             weight, top = weight.topk(max_k, dim=-1)
             index = index.gather(-1, top)

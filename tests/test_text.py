@@ -257,6 +257,20 @@ def test_padding_invariance_for_every_method(method):
 
 
 @torch.no_grad()
+def test_a_constant_r_too_large_for_one_short_sample_names_it():
+    model = make_text("bert-sdpa")
+    input_ids, mask = batch([40, 6, 25], BERT_IDS)
+    with tm.patched(model, tm.ToMe(r=4)), pytest.raises(ValueError) as err:
+        run(model, input_ids, mask)
+    msg = str(err.value)
+    assert "sample 1 of this padded batch has 6 real tokens (2 protected)" in msg
+    assert "r=4 is too large" in msg and "KeepRatio" in msg and "min_tokens=7" in msg
+    with tm.patched(model, tm.ToMe(r=4, min_tokens=7)):  # the suggested fix works
+        run(model, input_ids, mask)
+        assert tm.state(model).tokens_per_layer[-1][1] == 6
+
+
+@torch.no_grad()
 def test_each_sequence_gets_its_own_schedule_and_short_ones_stay_whole():
     model = make_text("bert-sdpa")
     input_ids, mask = batch([40, 9, 25, 16], BERT_IDS)

@@ -11,7 +11,7 @@ and MLP branches and where its queries and keys appear) and finds the blocks in 
 - passes the proportional-attention bias as the attention's own float mask, so SDPA stays fused.
 
 :meth:`Patch.remove` deletes the instance attributes and hooks, restoring the exact original
-modules. The per-forward state lives in a :class:`contextvars.ContextVar` owned by the patch:
+modules. The per-forward state lives in context variables owned by the patch (:class:`_Local`):
 two models, or two threads running one model, never share it.
 """
 
@@ -38,10 +38,36 @@ ATTR = "_tokenmerge_patch"
 #: set on every module a patch changes: the patch that owns it
 CLAIM = "_tokenmerge_claim"
 
-# Captured q/k of the attention call in progress (set only around that call, per thread).
-_CAPTURE: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar(
-    "tokenmerge_capture", default=None
-)
+
+class _Local:
+    """Per-forward storage: a :class:`contextvars.ContextVar` (two threads, or two models, never
+    share it), and a plain attribute while ``torch.compile`` traces (Dynamo cannot trace a
+    ContextVar's mutation; compiled graphs of one model run one at a time).
+
+    Eager writes go to both, so traced code sees them; a traced write is moved into the
+    ContextVar by the next eager read, so ``tm.state(model)`` works after a compiled forward.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+        self._traced: Any = None
+        self._fresh = False
+
+    def get(self) -> Any:
+        if torch.compiler.is_compiling():
+            return self._traced
+        if self._fresh:
+            self._fresh = False
+            self._var.set(self._traced)
+        return self._var.get()
+
+    def set(self, value: Any) -> None:
+        self._traced = value
+        if torch.compiler.is_compiling():
+            self._fresh = True
+        else:
+            self._fresh = False
+            self._var.set(value)
 
 
 class UnsupportedModelError(TypeError):
@@ -199,6 +225,7 @@ class _Run:
     dense: bool = False  # blocks hand the full token grid on (see ``Target.dense``)
     reduced: bool = False
     ran: int = 0  # blocks run so far (they run in order, once each)
+    widths: list[int] = field(default_factory=list)  # token dimension after each block
 
 
 class Patch:
@@ -216,15 +243,10 @@ class Patch:
         self.method = method
         self.target = target
         self.prop_attn = target.prop_attn if method.prop_attn is None else method.prop_attn
-        self._run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
-            f"tokenmerge_run_{id(self)}", default=None
-        )
-        self._call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
-            f"tokenmerge_call_{id(self)}", default=None
-        )
-        self._grid: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
-            f"tokenmerge_grid_{id(self)}", default=None
-        )
+        self._run = _Local(f"tokenmerge_run_{id(self)}")  # the current forward (_Run)
+        self._call = _Local(f"tokenmerge_call_{id(self)}")  # the entry call in progress
+        self._grid = _Local(f"tokenmerge_grid_{id(self)}")  # (h, w) from the patch embedding
+        self._cap = _Local(f"tokenmerge_cap_{id(self)}")  # q/k captured in the attention call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
         self._attachments: tuple[list, list] | None = None
@@ -262,9 +284,9 @@ class Patch:
         hooks: list[tuple[nn.Module, str, Callable]] = []
         for i, block in enumerate(t.blocks):
             overrides.append((block, "forward", self._make_forward(block, i)))
-            hooks.append((spec.k(block), "post", _capture("k")))
+            hooks.append((spec.k(block), "post", _capture(self._cap, "k")))
             if "queries" in self.method.needs:
-                hooks.append((spec.q(block), "post", _capture("q")))
+                hooks.append((spec.q(block), "post", _capture(self._cap, "q")))
         overrides += [(obj, attr, factory(self)) for obj, attr, factory in t.extra_patches]
         if t.grid_from is not None:
             hooks.append((t.grid_from, "post", self._record_grid))
@@ -320,12 +342,12 @@ class Patch:
     def dense_call(self) -> Iterator[_Call]:
         """Run the blocks called inside in dense mode (for methods such as timm's
         ``forward_intermediates`` that read per-layer token maps)."""
-        call = _Call(dense=True)
-        token = self._call.set(call)
+        call, outer = _Call(dense=True), self._call.get()
+        self._call.set(call)
         try:
             yield call
         finally:
-            self._call.reset(token)
+            self._call.set(outer)
         run = self._run.get()
         if run is not None and run.call is call:
             self._verify(run)
@@ -428,19 +450,29 @@ class Patch:
         b = st.pos.shape[0]
         if m.budget.is_zero or m.dynamic or not m.exact_counts or b == 0 or not run.ran:
             return
+        rs = run.schedule[: run.ran]
+        if st.uniform and all(isinstance(r, int) for r in rs):
+            # every sample as wide as the batch: the shapes say it all (no data read)
+            want = [st.n_orig - sum(rs[: i + 1]) for i in range(len(rs))]
+            bad = [i for i, (g, w) in enumerate(zip(run.widths, want, strict=True)) if g != w]
+            if bad:
+                i = bad[0]
+                self._fail(f"after block {i} every sample has {run.widths[i]} tokens", want[i])
+            return
         got = torch.stack(st.tokens_per_layer[: run.ran])  # [L, B]
         start = st.tokens_in if st.tokens_in is not None else torch.full((b,), st.n_orig)
-        steps = [torch.as_tensor(r).expand(b) for r in run.schedule[: run.ran]]
-        want = start.to(got.device) - torch.stack(steps).to(got.device).cumsum(0)
-        bad = (got != want).nonzero()
-        if len(bad):
-            layer, sample = (int(v) for v in bad[0])
-            raise not_applied(
-                "block",
-                m,
-                f"after block {layer} sample {sample} has {int(got[layer, sample])} tokens, "
-                f"but the schedule leaves {int(want[layer, sample])}",
+        steps = [torch.as_tensor(r).expand(b) for r in rs]
+        want_t = start.to(got.device) - torch.stack(steps).to(got.device).cumsum(0)
+        bad_t = (got != want_t).nonzero()
+        if len(bad_t):
+            layer, sample = (int(v) for v in bad_t[0])
+            self._fail(
+                f"after block {layer} sample {sample} has {int(got[layer, sample])} tokens",
+                int(want_t[layer, sample]),
             )
+
+    def _fail(self, what: str, want: int) -> None:
+        raise not_applied("block", self.method, f"{what}, but the schedule leaves {want}")
 
     def _make_forward(self, block: nn.Module, i: int) -> Callable[..., Tensor]:
         spec, method = self.target.spec, self.method
@@ -466,12 +498,12 @@ class Patch:
             else:  # nothing reduced yet: the model's own mask, so budget 0 is bit-identical
                 mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
             cap: dict[str, Tensor] = {}
-            token = _CAPTURE.set(cap)
+            self._cap.set(cap)
             try:
                 a = spec.attn(block, x, mask)
                 h = a if spec.post_norm else x + a
             finally:
-                _CAPTURE.reset(token)
+                self._cap.set(None)
             r = run.schedule[i]
             if h.shape[0] == 0:  # an empty batch: no scores, only the shapes of the schedule
                 if has_work(r) and not method.dynamic and method.exact_counts:
@@ -495,6 +527,7 @@ class Patch:
             m = spec.mlp(block, h)
             out = m if spec.post_norm else h + m
             st.tokens_per_layer.append(st.counts)
+            run.widths.append(h.shape[1])
             run.ran += 1
             if run.dense and run.reduced:
                 out = _to_grid(st, out, grid_in)
@@ -541,6 +574,7 @@ def _empty_reduction(n_in: int, n_out: int, device: torch.device) -> Reduction:
         weight=torch.zeros(0, n_in, 1, device=device),
         rep=torch.zeros(0, n_out, dtype=torch.long, device=device),
         selection=True,
+        uniform=True,
     )
 
 
@@ -560,9 +594,9 @@ def _refuse_pickle(patch: Patch, obj: nn.Module) -> Callable[[int], Any]:
     return reduce_ex
 
 
-def _capture(name: str) -> Callable[..., None]:
+def _capture(slot: _Local, name: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-        cap = _CAPTURE.get()
+        cap = slot.get()
         if cap is not None:
             cap[name] = output
 

@@ -43,6 +43,8 @@ class Reduction:
             (GTP's propagation ``X_K + alpha A X_P``); ``"mlerp"``: the mean, rescaled to the
             largest norm among its inputs (ToFu's norm-preserving merge).
         selection: True when T only selects rows (pruning); features are then gathered directly.
+        uniform: True when it is known without looking at the data that every sample keeps
+            exactly ``n_out`` tokens (a static budget): no padding slots appear.
     """
 
     index: Tensor
@@ -50,6 +52,7 @@ class Reduction:
     rep: Tensor
     mode: Mode = "mean"
     selection: bool = False
+    uniform: bool = False  # known statically: every sample keeps all ``n_out`` outputs
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -65,11 +68,16 @@ class Reduction:
             weight=torch.ones(batch, n, 1, device=device),
             rep=ar,
             selection=True,
+            uniform=True,
         )
 
     @staticmethod
     def from_targets(
-        target: Tensor, weight: Tensor | None = None, mode: Mode = "mean"
+        target: Tensor,
+        weight: Tensor | None = None,
+        mode: Mode = "mean",
+        kept: int | None = None,
+        selection: bool | None = None,
     ) -> Reduction:
         """Build T from where each input goes, naming destinations by their *input* index.
 
@@ -81,6 +89,10 @@ class Reduction:
                 column decides whether ``i`` is a representative.
             weight: same shape as ``target``; defaults to 1 (dropped entries get 0).
             mode: see :class:`Reduction`.
+            kept: the caller guarantees that every sample keeps exactly this many tokens (a
+                static budget on unpadded tokens): the output count is then not read from the
+                data, which keeps ``torch.compile`` graphs whole, and the result is ``uniform``.
+            selection: whether T only keeps or drops tokens (``None``: read from the data).
         """
         if target.dim() == 2:
             target = target.unsqueeze(-1)
@@ -89,7 +101,7 @@ class Reduction:
         ar = torch.arange(n, device=target.device)
         is_rep = target[..., 0] == ar
         slot = is_rep.long().cumsum(1) - 1  # order-preserving output slot of each representative
-        n_out = int(is_rep.sum(1).max()) if n else 0
+        n_out = kept if kept is not None else int(is_rep.sum(1).max()) if n else 0
         # representatives write their index into their slot; the rest write into a spare column
         src = ar.expand(b, n)
         rep_full = torch.zeros(b, n_out + 1, dtype=torch.long, device=target.device)
@@ -101,8 +113,18 @@ class Reduction:
             weight = torch.ones(target.shape, device=target.device)
         weight = weight.masked_fill(dropped, 0.0)
         index = index.masked_fill(dropped, 0)
-        selection = target.shape[-1] == 1 and bool(((target[..., 0] == ar) | dropped[..., 0]).all())
-        return Reduction(index=index, weight=weight, rep=rep, mode=mode, selection=selection)
+        if selection is None:
+            selection = target.shape[-1] == 1 and bool(
+                ((target[..., 0] == ar) | dropped[..., 0]).all()
+            )
+        return Reduction(
+            index=index,
+            weight=weight,
+            rep=rep,
+            mode=mode,
+            selection=selection,
+            uniform=kept is not None,
+        )
 
     @staticmethod
     def select(keep: Tensor, n_in: int) -> Reduction:
@@ -110,7 +132,7 @@ class Reduction:
         b = keep.shape[0]
         target = torch.full((b, n_in), -1, dtype=torch.long, device=keep.device)
         target.scatter_(1, keep, keep)
-        return Reduction.from_targets(target)
+        return Reduction.from_targets(target, kept=keep.shape[1], selection=True)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -37,6 +36,9 @@ class TokenState:
             (GTP's shrinking graph, for instance).
         depth: number of patched layers in this forward (``None`` if unknown); methods whose
             hyper-parameters follow the depth (PiToMe's margin, ToFu's switch layer) read it.
+        uniform: known statically (without reading the data): there is no padding and every
+            sample has the same number of tokens (static budgets keep it; ``torch.compile``
+            graphs then need no data-dependent branch).
     """
 
     size: Tensor | None
@@ -48,6 +50,7 @@ class TokenState:
     tokens_in: Tensor | None = None  # [B] real tokens per sample at the start (padded batches)
     cache: dict[str, Any] = field(default_factory=dict)
     depth: int | None = None
+    uniform: bool = False  # known without the data: no padding, every sample equally long
 
     @staticmethod
     def start(
@@ -68,6 +71,7 @@ class TokenState:
             grid=grid,
             n_prefix=n_prefix,
             depth=depth,
+            uniform=size is None,
         )
 
     @property
@@ -114,7 +118,7 @@ class TokenState:
         if proportional:
             bias = self.size.to(dtype).log()
         else:
-            if bool(self.valid.all()):
+            if self.uniform or bool(self.valid.all()):
                 return None
             bias = torch.zeros(self.size.shape, dtype=dtype, device=self.size.device)
             bias = bias.masked_fill(~self.valid, -math.inf)
@@ -124,6 +128,7 @@ class TokenState:
         """Apply ``red`` to ``x`` and advance the state; returns the reduced features."""
         y, self.size = red.apply(x, self.size)
         self.source = self.source.compose(red)
+        self.uniform = self.uniform and red.uniform
         return y
 
     def unmerge(self, y: Tensor) -> Tensor:
@@ -133,7 +138,7 @@ class TokenState:
 
 @dataclass
 class Signals:
-    """What one layer's attention exposes to a method, computed lazily.
+    """What one layer's attention exposes to a method, computed lazily (once each).
 
     Attributes:
         x: ``[B, N, C]`` hidden states after the attention residual (what gets reduced).
@@ -148,30 +153,43 @@ class Signals:
     q: Tensor | None = None
     scale: float = 1.0
     bias: Tensor | None = None
+    # caches (plain fields, not functools.cached_property: its lock breaks torch.compile graphs)
+    _metric: Tensor | None = field(default=None, repr=False)
+    _attn: Tensor | None = field(default=None, repr=False)
+    _cls_attn: Tensor | None = field(default=None, repr=False)
 
-    @cached_property
+    @property
     def metric(self) -> Tensor:
         """ToMe's similarity metric: keys averaged over heads, ``[B, N, d]``."""
-        return self.k.mean(1)
+        if self._metric is None:
+            self._metric = self.k.mean(1)
+        return self._metric
 
-    @cached_property
-    def attn(self) -> Tensor:
-        """Attention probabilities ``[B, H, N, N]`` (computed explicitly: costs one QK^T)."""
+    def _queries(self) -> Tensor:
         if self.q is None:
             raise RuntimeError("this method did not declare that it needs queries/attention")
-        logits = (self.q @ self.k.transpose(-2, -1)) * self.scale
+        return self.q
+
+    def _softmax(self, logits: Tensor) -> Tensor:
         if self.bias is not None:
             logits = logits + self.bias
         return logits.softmax(-1)
 
-    @cached_property
+    @property
+    def attn(self) -> Tensor:
+        """Attention probabilities ``[B, H, N, N]`` (computed explicitly: costs one QK^T)."""
+        if self._attn is None:
+            self._attn = self._softmax((self._queries() @ self.k.transpose(-2, -1)) * self.scale)
+        return self._attn
+
+    @property
     def cls_attn(self) -> Tensor:
         """Attention of the first token (CLS) to every token, averaged over heads: ``[B, N]``."""
-        if "attn" in self.__dict__:
-            return self.attn[:, :, 0].mean(1)
-        if self.q is None:
-            raise RuntimeError("this method did not declare that it needs queries/attention")
-        logits = (self.q[:, :, :1] @ self.k.transpose(-2, -1)) * self.scale
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.softmax(-1)[:, :, 0].mean(1)
+        if self._cls_attn is None:
+            if self._attn is not None:
+                self._cls_attn = self._attn[:, :, 0].mean(1)
+            else:
+                q = self._queries()[:, :, :1]
+                logits = (q @ self.k.transpose(-2, -1)) * self.scale
+                self._cls_attn = self._softmax(logits)[:, :, 0].mean(1)
+        return self._cls_attn

@@ -43,4 +43,7 @@ class ToMe(Method):
         if not has_work(r):
             return None
         mergeable = state.valid & ~state.protected
-        return Reduction.from_targets(bipartite_targets(sig.metric, mergeable, r))
+        target = bipartite_targets(sig.metric, mergeable, r)
+        # a static budget on unpadded tokens: exactly r merge (no count read from the data)
+        kept = state.pos.shape[1] - r if isinstance(r, int) and state.uniform else None
+        return Reduction.from_targets(target, kept=kept, selection=False)

@@ -1,4 +1,5 @@
-"""``tokenmerge bench | visualize | list``: a thin layer over :mod:`tokenmerge.eval`."""
+"""``tokenmerge bench | bench-compile | visualize | list``: a thin layer over
+:mod:`tokenmerge.eval`."""
 
 from __future__ import annotations
 
@@ -133,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", default="hf", choices=["hf", "timm"])
     v.add_argument("--out", help="output PNG (default: IMAGE-METHOD.png)")
     v.set_defaults(func=_visualize)
+
+    c = sub.add_parser(
+        "bench-compile", help="torch.compile versus eager, unpatched and patched (vision)"
+    )
+    c.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
+    c.add_argument("--backend", default="hf", choices=["hf", "timm"])
+    c.add_argument("--method", default="tome", help="a registered block method (default: tome)")
+    c.add_argument("--budgets", default="8,16", help="comma-separated budgets (default: 8,16)")
+    c.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
+    c.add_argument("--rounds", type=int, default=10, help="timed rounds (default: 10)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="docs/results", help="output folder")
+    c.add_argument("--name", help="file stem (default: compile-MODEL-BACKEND)")
+    c.set_defaults(func=lambda a: importlib.import_module("tokenmerge.eval.compiled").cli_main(a))
 
     ls = sub.add_parser("list", help="list the registered methods and model families")
     ls.set_defaults(func=_list)

@@ -394,7 +394,7 @@ def test_dtome_state_dict_round_trip():
 @torch.no_grad()
 def test_dtome_errors():
     model, run = make("timm-avgpool")
-    with tm.patched(model, DToMe()), pytest.raises(RuntimeError, match="calibrate"):
+    with tm.patched(model, DToMe()), pytest.raises(ValueError, match="calibrate"):
         run(model, images())
     with tm.patched(model, tm.ToMe(r=2)), pytest.raises(ValueError, match="patched with"):
         DToMe().calibrate(model, [images()], r=2)

@@ -134,7 +134,7 @@ class DToMe(Method):
         """``τ_l`` of block ``layer``."""
         t = self.thresholds
         if t is None:
-            raise RuntimeError(
+            raise ValueError(
                 "DToMe has no thresholds: call calibrate(model, batches, target_tokens=...) "
                 "or load_state_dict(...) first, or pass thresholds=..."
             )

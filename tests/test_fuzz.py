@@ -17,7 +17,6 @@ import math
 import traceback
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -120,8 +120,8 @@ def _prefill_and_continue(model, method, ids, mask, cont):
     with torch.no_grad(), tm.patched(model, method):
         out = model(ids, attention_mask=mask, use_cache=True)
         full = torch.cat([mask, torch.ones_like(cont)], 1)
-        nxt = model(cont, attention_mask=full, past_key_values=out.past_key_values)
-        return out.logits[:, -1], nxt.logits, out.past_key_values
+        nxt = model(cont, attention_mask=full, **hd.cache_kw(model, hd.cache_of(out)))
+        return out.logits[:, -1], nxt.logits, hd.cache_of(out)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
@@ -161,7 +161,7 @@ def test_padding_is_never_kept(name):
     model = tiny("llama")
     ids, mask, _ = batch((40, 21))
     with tm.patched(model, example(name, reduce=True)):
-        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
         rt = hd.runtime_of(model)
         assert bool(rt.last.valid.any(1).all())
     pads = set(range(40 - 21))  # sample 1's padded original indices
@@ -333,13 +333,13 @@ def test_compress_from_observed_contexts_equals_the_live_path(name):
     ids, mask, _ = batch((40, 29))
     method = get_method(name, ratio=0.6)
     with tm.patched(model, method):
-        live = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        live = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
     ctxs = {}
     with (
         tm.patched(model, get_method(name, ratio=0.0)),
         hd.observe(lambda c: ctxs.__setitem__(c.layer, c), evict=False),
     ):
-        full = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        full = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
     assert not full.reduced
     after = hd.compress(hd.fork_cache(full), ctxs, method)
     for i in range(4):
@@ -355,14 +355,14 @@ def test_chunked_prefill_with_budget_above_context_equals_ordinary_prefill(famil
     ids, mask, cont = batch((40, 31))
     ref = model(ids, attention_mask=mask, use_cache=True)
     full = torch.cat([mask, torch.ones_like(cont)], 1)
-    ref_next = model(cont, attention_mask=full, past_key_values=ref.past_key_values).logits
+    ref_next = model(cont, attention_mask=full, **hd.cache_kw(model, hd.cache_of(ref))).logits
     with tm.patched(model, get_method("snapkv", ratio=0.5)):
         pre = hd.chunked_prefill(model, ids, mask, chunk=16, budget=40)
         assert not pre.cache.reduced
         torch.testing.assert_close(pre.logits, ref.logits[:, -1], atol=1e-5, rtol=1e-5)
-        nxt = model(cont, attention_mask=full, past_key_values=pre.cache).logits
+        nxt = model(cont, attention_mask=full, **hd.cache_kw(model, pre.cache)).logits
         torch.testing.assert_close(nxt, ref_next, atol=1e-5, rtol=1e-5)
-        for i, layer in enumerate(ref.past_key_values.layers):
+        for i, layer in enumerate(hd.cache_of(ref).layers):
             torch.testing.assert_close(pre.cache.layers[i].keys, layer.keys, atol=1e-5, rtol=0)
 
 
@@ -377,7 +377,7 @@ def test_chunked_eviction_in_sliding_window_layers_is_batch_independent():
             pre = hd.chunked_prefill(model, ids, mask, chunk=8, budget=12, window=2)
             assert pre.cache.reduced and pre.cache.stored(0) == 12
             full = torch.cat([pre.cache.orig_valid.long(), torch.ones_like(cont)], 1)
-            return model(cont, attention_mask=full, past_key_values=pre.cache).logits
+            return model(cont, attention_mask=full, **hd.cache_kw(model, pre.cache)).logits
 
     together = run(ids, mask, cont)
     for b, l in enumerate(lengths):
@@ -393,12 +393,12 @@ def test_chunked_prefill_generate_continues_at_the_right_positions():
     gen = model.generate(full_ids, attention_mask=full_mask, max_new_tokens=5, do_sample=False)
     with tm.patched(model, get_method("h2o", ratio=0.5)):
         pre = hd.chunked_prefill(model, ids, mask, chunk=16, budget=64)  # nothing evicted
-        out = model.generate(full_ids, attention_mask=full_mask, past_key_values=pre.cache,
+        out = model.generate(full_ids, attention_mask=full_mask, **hd.cache_kw(model, pre.cache),
                              max_new_tokens=5, do_sample=False)  # fmt: skip
         assert torch.equal(out, gen)
         pre = hd.chunked_prefill(model, ids, mask, chunk=16)  # evicted to half
         assert pre.cache.reduced and pre.cache.layers[0].keys.shape[2] == 20
-        out = model.generate(full_ids, attention_mask=full_mask, past_key_values=pre.cache,
+        out = model.generate(full_ids, attention_mask=full_mask, **hd.cache_kw(model, pre.cache),
                              max_new_tokens=5, do_sample=False)  # fmt: skip
         assert out.shape == gen.shape and pre.cache.seen == full_ids.shape[1] + 4
 
@@ -417,7 +417,7 @@ def test_chunked_prefill_peak_memory_is_bounded_by_budget_plus_chunk():
             assert pre.cache.layers[0].keys.shape[2] == 24
             # budget entries in every layer plus one chunk in the layer being written
             assert pre.peak_bytes <= (3 * 24 + 16) * per_entry
-        full = model(ids, use_cache=True).past_key_values  # one-shot: grows with n
+        full = hd.cache_of(model(ids, use_cache=True))  # one-shot: grows with n
     assert len(set(peaks)) == 1
     assert full.peak_bytes > 3 * peaks[0]
 
@@ -439,7 +439,7 @@ def test_streaming_llm_keeps_sinks_and_recent_tokens_in_the_model():
     model = tiny("qwen2")
     ids = torch.randint(1, 100, (1, 40), generator=torch.Generator().manual_seed(2))
     with tm.patched(model, get_method("streaming_llm", ratio=0.5, sinks=4)):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = hd.cache_of(model(ids, use_cache=True))
     want = list(range(4)) + list(range(24, 40))
     for idx in cache.index.values():
         for h in range(idx.shape[1]):
@@ -451,7 +451,7 @@ def test_per_layer_ratios():
     model = tiny("llama")
     ids = torch.randint(1, 100, (1, 40), generator=torch.Generator().manual_seed(2))
     with tm.patched(model, get_method("knorm", ratio=(0.0, 0.5, 0.75, 0.5))):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = hd.cache_of(model(ids, use_cache=True))
     assert [cache.stored(i) for i in range(4)] == [40, 20, 10, 20]
     assert 0 not in cache.index
 
@@ -532,7 +532,7 @@ def test_fastv_and_holitom_match_a_manual_reference(name):
         assert rt.last.rep[0].tolist() == keep.tolist()
     torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
     # layers from K on cache only the kept tokens, at their original indices
-    cache = out.past_key_values
+    cache = hd.cache_of(out)
     assert cache.stored(0) == 30 and cache.stored(k) == len(keep)
     assert cache.index[k][0, 0].tolist() == keep.tolist()
 
@@ -548,7 +548,7 @@ def test_decoder_site_decoding_is_consistent_with_the_reduced_cache():
     with tm.patched(model, get_method("fastv", ratio=0.5, layer=1, span=(1, -1))):
         out = model(ids, use_cache=True)
         kept = hd.runtime_of(model).last.rep[0].tolist()
-        nxt = model(cont, past_key_values=out.past_key_values).logits
+        nxt = model(cont, **hd.cache_kw(model, hd.cache_of(out))).logits
     dropped = sorted(set(range(24)) - set(kept))
     assert dropped
     seq = torch.cat([ids, cont], 1)
@@ -636,9 +636,9 @@ def test_a_reduced_cache_refuses_an_unpatched_model():
     model = tiny("llama")
     ids = torch.randint(1, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with tm.patched(model, get_method("knorm", ratio=0.5)):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = hd.cache_of(model(ids, use_cache=True))
     with pytest.raises(RuntimeError, match="keep the model patched"):
-        model(ids[:, :2], past_key_values=cache)
+        model(ids[:, :2], **hd.cache_kw(model, cache))
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,10 +50,10 @@ def test_needle_survives_modest_compression_where_the_method_keeps_it(lm):
     early = _at_depth(tok, early, 0.1)
     method = get_method("streaming_llm", ratio=0.5)
     for t, survives in ((late, True), (early, False)):
-        full = model(input_ids=t.context, use_cache=True).past_key_values
+        full = hd.cache_of(model(input_ids=t.context, use_cache=True))
         assert llm.needle_correct(model, full, t.question, t.answer)
         with tm.patched(model, method):
-            one = model(input_ids=t.context, use_cache=True).past_key_values
+            one = hd.cache_of(model(input_ids=t.context, use_cache=True))
             assert one.reduced
             assert llm.needle_correct(model, one, t.question, t.answer) is survives
             pre = hd.chunked_prefill(model, t.context, chunk=128, window=32)

@@ -193,7 +193,7 @@ def needle_correct(model: nn.Module, cache: Any, prompt: Tensor, answer: Tensor)
     """Whether greedy decoding after ``prompt`` (fed on a copy of ``cache``) yields ``answer``
     exactly; checked in one forward by teacher-forcing the answer."""
     x = torch.cat([prompt, answer[:, :-1]], 1)
-    logits = model(input_ids=x, past_key_values=hd.fork_cache(cache), use_cache=True).logits
+    logits = model(input_ids=x, **hd.cache_kw(model, hd.fork_cache(cache)), use_cache=True).logits
     pred = logits[0, prompt.shape[1] - 1 :].argmax(-1)
     return bool(torch.equal(pred, answer[0]))
 
@@ -204,7 +204,9 @@ def continuation_nll(
 ) -> tuple[float, int]:
     """Feed ``tokens`` on a copy of ``cache``; summed negative log-likelihood of
     ``tokens[skip + 1:]`` (each predicted from the token before it) and their count."""
-    logits = model(input_ids=tokens, past_key_values=hd.fork_cache(cache), use_cache=True).logits
+    logits = model(
+        input_ids=tokens, **hd.cache_kw(model, hd.fork_cache(cache)), use_cache=True
+    ).logits
     logp = torch.log_softmax(logits[0, skip:-1].float(), -1)
     nll = -logp.gather(1, tokens[0, skip + 1 :, None]).sum()
     return float(nll), tokens.shape[1] - skip - 1
@@ -254,9 +256,9 @@ class _Runner:
     def _record(self, ids: Tensor, cache: Any = None) -> tuple[Any, dict[int, KVContext]]:
         ctxs: dict[int, KVContext] = {}
         with hd.observe(lambda c: ctxs.__setitem__(c.layer, c), evict=False):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
+            out = self.model(input_ids=ids, **hd.cache_kw(self.model, cache), use_cache=True,
                              logits_to_keep=1)  # fmt: skip
-        return out.past_key_values, ctxs
+        return hd.cache_of(out), ctxs
 
     def _suffixes(self, trial: Trial) -> dict[str, Tensor]:
         """What joins the context in each prefill: nothing (query-agnostic), the question but
@@ -372,7 +374,7 @@ class _Runner:
             m = self.method(name, f, span=(start, -suffix.shape[1])) if suffix.shape[1] else None
             with patched(model, m or self.method(name, f)):
                 out = model(input_ids=torch.cat([ctx, suffix], 1), use_cache=True, logits_to_keep=1)
-                caches[mode] = out.past_key_values
+                caches[mode] = hd.cache_of(out)
         with patched(model, self.method(name, f)):  # reduced caches are read while patched
             self._measure(acc, trial, caches)
         acc.kv_final.append(hd.kv_bytes(caches["agnostic"]) / full_bytes)
@@ -390,7 +392,7 @@ class _Runner:
         mid = sorted(cfg.factors)[len(cfg.factors) // 2]
 
         def prefill() -> Any:
-            return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            return hd.cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
 
         def chunked() -> Any:
             return hd.chunked_prefill(model, ids, chunk=cfg.chunk, window=cfg.window).cache
@@ -444,7 +446,7 @@ class _Runner:
         x = torch.tensor([[self.tok.eos_token_id or 0]])
         t0 = time.perf_counter()
         for _ in range(self.cfg.decode_tokens):
-            out = self.model(input_ids=x, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=x, **hd.cache_kw(self.model, cache), use_cache=True)
             x = out.logits[:, -1:].argmax(-1)
         return time.perf_counter() - t0
 
@@ -456,11 +458,11 @@ class _Runner:
         rows = []
         for length, trial in sorted(trials_by_length.items()):
             ids = trial.context[:, :length]
-            full = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            full = hd.cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
             fb = hd.kv_bytes(full)
             del full
             with patched(model, get_method("knorm", ratio=_ratio(8.0))):
-                one = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+                one = hd.cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
                 chunked = hd.chunked_prefill(
                     model, ids, chunk=cfg.chunk, budget=cfg.memory_budget, window=cfg.window
                 )

@@ -1,0 +1,190 @@
+"""The KV cache of a patched decoder: :class:`ReducedCache`, and helpers on any cache."""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+# The cache being served by a patched forward in this context (guards against silent misuse).
+_SERVING: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "tokenmerge_serving", default=None
+)
+
+
+class ReducedCache(DynamicCache):
+    """A ``DynamicCache`` whose layers may hold a subset of the tokens it has seen.
+
+    Attributes:
+        seen: tokens seen so far (the length of the original stream). ``get_seq_length``
+            returns it, so new tokens get the right RoPE positions and ``generate`` slices its
+            inputs correctly; ``get_query_offset`` (used for mask sizes) returns what a layer
+            stores.
+        orig_valid: ``[B, seen]`` which original tokens are real (not padding).
+        index: per reduced layer, ``[B, H_kv, L]`` original index of each stored entry
+            (``-1``: empty slot). Layers absent from it store their tokens unreduced.
+        stats: per layer, running statistics of stateful KV methods, aligned with the entries.
+        peak_bytes: the most bytes the cache has held at once (keys, values and indices).
+    """
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config=config)
+        self.seen = 0
+        self.orig_valid: Tensor | None = None
+        self.index: dict[int, Tensor] = {}
+        self.stats: dict[int, dict[str, Tensor]] = {}
+        self.peak_bytes = 0
+        #: ``update`` calls so far (the runtime checks that every attention layer wrote here)
+        self.writes = 0
+        self._holes = False
+        # validity masks not inspected yet (read lazily: no device sync on the hot path)
+        self._pending: list[Tensor] = []
+
+    # -------------------------------------------------------------- HF cache API
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kw: Any
+    ) -> tuple[Tensor, Tensor]:
+        if self.index and _SERVING.get() is not self:
+            raise RuntimeError(
+                "this cache holds a reduced subset of its tokens (tokenmerge); keep the model "
+                "patched with tm.apply while using it, so that attention masks follow the "
+                "entries each layer kept"
+            )
+        if layer_idx == 0:
+            self.seen += key_states.shape[-2]
+        self.writes += 1
+        return super().update(key_states, value_states, layer_idx, *args, **kw)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.index:
+            raise NotImplementedError("a reduced cache cannot be cropped")
+        super().crop(tokens_to_remove)
+        self.seen = super().get_seq_length(0)
+        if self.orig_valid is not None:
+            self.orig_valid = self.orig_valid[:, : self.seen]
+
+    def _each_batch_tensor(self, fn: Callable[[Tensor], Tensor]) -> None:
+        if self.orig_valid is not None:
+            self.orig_valid = fn(self.orig_valid)
+        self.index = {i: fn(t) for i, t in self.index.items()}
+        self.stats = {i: {k: fn(v) for k, v in s.items()} for i, s in self.stats.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._each_batch_tensor(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._each_batch_tensor(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._each_batch_tensor(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    # -------------------------------------------------------------- bookkeeping
+    @property
+    def holes(self) -> bool:
+        """Some stored entry may be padding or an empty slot (conservative; lets decoding skip
+        building masks when every entry is real)."""
+        if self._pending:
+            flags = torch.stack([~v.all() for v in self._pending])
+            self._holes = self._holes or bool(flags.any())
+            self._pending = []
+        return self._holes
+
+    @holes.setter
+    def holes(self, value: bool) -> None:
+        self._holes = bool(value)
+        self._pending = []
+
+    def note_valid(self, valid: Tensor) -> None:
+        """Record that entries with validity ``valid`` were stored (inspected only when
+        :attr:`holes` is read)."""
+        if valid.numel():
+            self._pending.append(valid)
+        if len(self._pending) > 32:  # long decodes: fold into one flag, still without a sync
+            self._pending = [torch.stack([v.all() for v in self._pending]).all()]
+
+    @property
+    def reduced(self) -> bool:
+        """Whether any layer stores fewer entries than the tokens it has seen."""
+        return bool(self.index)
+
+    def stored(self, layer: int) -> int:
+        """Entries stored by ``layer`` (padding slots included)."""
+        if layer >= len(self.layers) or not self.layers[layer].is_initialized:
+            return 0
+        keys = self.layers[layer].keys
+        return 0 if keys is None or keys.numel() == 0 else keys.shape[-2]
+
+    def layer_index(self, layer: int, seen: int | None = None) -> Tensor | None:
+        """``[B, H_kv, L]`` original index of the entries ``layer`` stores."""
+        if layer in self.index:
+            return self.index[layer]
+        n = self.stored(layer)
+        if n == 0:
+            return None
+        keys = self.layers[layer].keys
+        seen = self.seen if seen is None else seen
+        ar = torch.arange(seen - n, seen, device=keys.device)
+        return ar.expand(keys.shape[0], keys.shape[1], n)
+
+    def valid_of(self, index: Tensor) -> Tensor:
+        """Which of the entries with original ``index`` (``[B, ..., L]``) are real tokens."""
+        ok = index >= 0
+        if self.orig_valid is None:
+            return ok
+        flat = index.clamp_min(0).flatten(1)
+        real = self.orig_valid.gather(1, flat.clamp_max(self.orig_valid.shape[1] - 1))
+        return ok & real.view_as(index)
+
+    def position_of(self, index: Tensor) -> Tensor:
+        """Position of each entry in its own sequence (padding not counted)."""
+        if self.orig_valid is None:
+            return index.clamp_min(0)
+        pos = self.orig_valid.long().cumsum(1) - 1
+        flat = index.clamp_min(0).flatten(1).clamp_max(pos.shape[1] - 1)
+        return pos.gather(1, flat).view_as(index).clamp_min(0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now: keys, values and the reduced layers' index tables."""
+        return kv_bytes(self)
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes of the keys and values a cache holds (plus a :class:`ReducedCache`'s indices)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    for t in getattr(cache, "index", {}).values():
+        total += t.numel() * t.element_size()
+    return total
+
+
+def fork_cache(cache: DynamicCache) -> DynamicCache:
+    """A copy of ``cache`` that shares its tensors (no data copied).
+
+    Cache updates are out of place (``torch.cat``, gathers), so running the fork leaves the
+    original untouched: use it to decode several continuations from one prefill.
+    """
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    if isinstance(cache, ReducedCache):
+        new._pending = list(cache._pending)
+        new.index = dict(cache.index)
+        new.stats = {i: dict(s) for i, s in cache.stats.items()}
+    return new

@@ -1,0 +1,739 @@
+"""The hooks of one patched decoder and the state of its forwards (see the package docstring).
+
+Self-check. A forward that is scheduled to reduce (a KV method's eviction in a prefill, or a
+decoder method's layer-K reduction) verifies, without extra forwards and with at most one device
+sync at its end, that the reduction really happened: every decoder-layer and attention hook ran,
+every attention layer wrote into the :class:`ReducedCache` the adapter passed and the model
+returned that cache, every evicted layer holds no more entries than its budget, and the token
+counts after layer K are the scheduled ones. Otherwise it raises
+:class:`~tokenmerge.adapters.base.ReductionNotApplied` (naming the site, the method and the
+installed framework versions) instead of returning unreduced results. Forwards with nothing
+scheduled (ratio 0, decoding) are never checked and stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+
+from ...core.state import Signals, TokenState
+from ...methods.base import Method
+from ...methods.decoder import DecoderMethod
+from ...methods.kv import KVContext, KVMethod
+from ..base import Patch, UnsupportedModelError, not_applied
+from .cache import _SERVING, ReducedCache
+from .compat import Signature, cache_of
+
+# --------------------------------------------------------------------------------------------
+# Per-forward state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What a forward does to the KV cache. ``caps[layer]``: ``[B]`` entries kept (``None``:
+    from the method's ratio); ``evict=False`` only tracks statistics."""
+
+    evict: bool = True
+    caps: dict[int, Tensor] | None = None
+    window: int = 0
+
+
+_PLAN: contextvars.ContextVar[_Plan | None] = contextvars.ContextVar(
+    "tokenmerge_plan", default=None
+)
+_OBSERVER: contextvars.ContextVar[Callable[[KVContext], None] | None] = contextvars.ContextVar(
+    "tokenmerge_observer", default=None
+)
+
+
+@dataclass
+class _Forward:
+    """One forward pass of the patched base model."""
+
+    cache: ReducedCache | None
+    fresh: bool  # the forward starts from an empty cache (a prefill)
+    seen: int  # tokens seen before this forward
+    rep: Tensor  # [B, n] original index of the current hidden slots
+    valid: Tensor  # [B, n] the slot holds a real token
+    input_valid: Tensor  # [B, q] which input tokens of this forward are real
+    plan: _Plan | None
+    own_masks: bool  # masks are built here (the cache is reduced)
+    padded: bool = False  # some slot may not hold a real token (known without a device sync)
+    evicts: bool = False  # a KV eviction is scheduled in this forward (checked)
+    sel: Tensor | None = None  # [B, n] slot -> input position, once hidden states are reduced
+    span_count: Tensor | None = None  # [B] span tokens at the start (decoder site)
+    signals: dict[int, Signals] = field(default_factory=dict)
+    schedule: dict[int, float] = field(default_factory=dict)
+    tokens_per_layer: list[Tensor] = field(default_factory=list)
+    pe_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    serve_token: contextvars.Token | None = None
+    # self-check bookkeeping
+    writes: int = 0  # the cache's write count when the last attention hook ran
+    writes0: int = 0  # ... when the forward started
+    layers_ran: int = 0  # decoder-layer pre-hooks that ran
+    attn_ran: list[int] = field(default_factory=list)  # layers whose attention hook ran
+    done: set[int] = field(default_factory=set)  # scheduled layers whose reduction step ran
+    evicted: dict[int, int] = field(default_factory=dict)  # layer -> entries kept per head
+    checks: list[tuple[Tensor, Callable[[], str]]] = field(default_factory=list)
+
+    @property
+    def hidden_reduced(self) -> bool:
+        return self.sel is not None
+
+    @property
+    def checked(self) -> bool:
+        """Something is scheduled in this forward, so the self-check runs."""
+        return self.evicts or bool(self.schedule)
+
+
+@dataclass
+class _Outer:
+    """One call of a patched ``...ForCausalLM`` (around its base model's forward)."""
+
+    run: _Forward | None = None  # the base model's forward inside this call
+    labels: Tensor | None = None  # taken over when the decoder site shortens the sequence
+    loss_kw: dict[str, Any] = field(default_factory=dict)
+    token: contextvars.Token | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _project(attn: nn.Module, proj: str, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Queries or keys of ``attn`` for hidden states ``h`` ``[B, n, C]``, post-RoPE:
+    ``[B, heads, n, d]`` (q/k-norm applied when the family has it)."""
+    b, n, _ = h.shape
+    x = getattr(attn, f"{proj}_proj")(h).view(b, n, -1, attn.head_dim)
+    norm = getattr(attn, f"{proj}_norm", None)
+    if norm is not None:
+        x = norm(x)
+    x = x.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _left_align(valid: Tensor) -> Tensor:
+    """Permutation ``[B, n]`` that moves the valid slots (in order) to the right end."""
+    n = valid.shape[1]
+    ar = torch.arange(n, device=valid.device)
+    return (valid.long() * n + ar).argsort(dim=1)
+
+
+def _gather_seq(t: Tensor, sel: Tensor) -> Tensor:
+    """Gather ``t`` ``[1 or B, N, ...]`` along dim 1 with ``sel`` ``[B, n]``."""
+    t = t.expand(sel.shape[0], *t.shape[1:])
+    idx = sel.reshape(*sel.shape, *([1] * (t.dim() - 2))).expand(*sel.shape, *t.shape[2:])
+    return t.gather(1, idx)
+
+
+def _window_of(attn: nn.Module, config: Any) -> int | None:
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    if type(attn).__name__ == "MistralAttention":
+        return getattr(config, "sliding_window", None)
+    return None
+
+
+def _hidden(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _is_zero(value: Any) -> bool:
+    """``logits_to_keep`` is its default (keep every position)."""
+    if value is None:
+        return True
+    if isinstance(value, Tensor):
+        return False  # explicit positions
+    return int(value) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The runtime: hooks of one patched model
+# --------------------------------------------------------------------------------------------
+
+#: arguments the hooks read or write, by module
+MODEL_ARGS = ("input_ids", "attention_mask", "inputs_embeds", "use_cache")
+LAYER_ARGS = ("hidden_states", "attention_mask", "position_embeddings")
+ATTN_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
+CAUSAL_LM_ARGS = ("labels", "logits_to_keep")
+
+
+class _Runtime:
+    """The hooks of one patched model and the state of its forwards (a context variable).
+
+    The argument names of the patched forwards are read from their signatures once, here, so
+    that one runtime serves every supported transformers version (see :mod:`.compat`).
+    """
+
+    def __init__(self, model: nn.Module, inner: nn.Module, layers: Sequence[nn.Module]) -> None:
+        self.model = model
+        self.inner = inner
+        self.config = inner.config
+        self.layers = list(layers)
+        self.attns = [layer.self_attn for layer in self.layers]
+        self.depth = len(self.layers)
+        self.impl = self.config._attn_implementation
+        self.windows = [_window_of(a, self.config) for a in self.attns]
+        self.model_sig = Signature.of(inner, MODEL_ARGS)
+        self.layer_sig = Signature.of(self.layers[0], LAYER_ARGS)
+        self.attn_sig = Signature.of(self.attns[0], ATTN_ARGS)
+        self.outer_sig = Signature.of(model, CAUSAL_LM_ARGS) if model is not inner else None
+        self.method: Method | None = None
+        self._fwd: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar(
+            f"tokenmerge_fwd_{id(self)}", default=None
+        )
+        self._last: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar(
+            f"tokenmerge_last_{id(self)}", default=None
+        )
+        self._outer: contextvars.ContextVar[_Outer | None] = contextvars.ContextVar(
+            f"tokenmerge_outer_{id(self)}", default=None
+        )
+
+    def bind(self, patch: Patch) -> _Runtime:
+        method = patch.method
+        if isinstance(method, KVMethod):
+            method.check_depth(self.depth)
+        elif isinstance(method, DecoderMethod):
+            method.schedule(self.depth)  # validates the layers
+        self.method = method
+        return self
+
+    @property
+    def cache_arg(self) -> str:
+        """The name under which the patched model takes its cache (``cache`` or
+        ``past_key_values``, depending on the transformers version)."""
+        sig = self.outer_sig or self.model_sig
+        assert sig.cache is not None
+        return sig.cache
+
+    # -------------------------------------------------------------- properties
+    @property
+    def kv(self) -> KVMethod | None:
+        return self.method if isinstance(self.method, KVMethod) else None
+
+    @property
+    def decoder(self) -> DecoderMethod | None:
+        return self.method if isinstance(self.method, DecoderMethod) else None
+
+    @property
+    def last(self) -> _Forward | None:
+        """State of the latest forward in this context (for inspection and tests)."""
+        return self._last.get()
+
+    def _may_reduce(self) -> bool:
+        m = self.method
+        return m is not None and not getattr(m, "is_identity", True)
+
+    def _error(self, what: str) -> Exception:
+        assert self.method is not None
+        return not_applied(self.method.site, self.method, what)
+
+    # -------------------------------------------------------------- causal-LM hooks
+    def outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        outer = _Outer()
+        dec = self.decoder
+        if dec is not None and not dec.is_identity:
+            if args:
+                kwargs, args = self.outer_sig.bind(args, kwargs), ()
+            if kwargs.get("labels") is not None:
+                self._take_labels(module, outer, kwargs)
+        outer.token = self._outer.set(outer)
+        return args, kwargs
+
+    def _take_labels(self, module: nn.Module, outer: _Outer, kwargs: dict) -> None:
+        """The decoder site shortens the sequence: the loss is computed here, on the kept
+        positions (:meth:`_loss`), instead of by the model on logits it no longer matches."""
+        name = f"{type(module).__name__} patched with {self.method.name}"
+        if not _is_zero(kwargs.get("logits_to_keep")):
+            raise ValueError(
+                f"{name}: labels= with logits_to_keep= is not supported (the loss needs the "
+                "logits of every kept position); pass one or the other"
+            )
+        if kwargs.get("return_dict") is False:
+            raise ValueError(f"{name}: labels= needs return_dict=True (the default)")
+        outer.labels = kwargs.pop("labels")
+        outer.loss_kw = {k: v for k, v in kwargs.items() if k not in self.outer_sig.names}
+
+    def outer_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        outer = self._outer.get()
+        if outer is None:
+            return output
+        if outer.token is not None:
+            self._outer.reset(outer.token)
+            outer.token = None
+        if outer.run is None and self._may_reduce():
+            raise self._error(
+                f"the hooks on {type(self.inner).__name__} never ran during the "
+                f"{type(module).__name__} forward"
+            )
+        if outer.labels is not None:
+            output = self._loss(module, outer, output)
+        return output
+
+    def _loss(self, module: nn.Module, outer: _Outer, output: Any) -> Any:
+        """Next-token loss on the kept positions: slot ``s`` at original position ``p_s``
+        predicts the label of position ``p_s + 1`` (kept or not); padding slots are ignored.
+        Computed by the model's own ``loss_function`` with ``shift_labels``."""
+        if not isinstance(output, Mapping) or output.get("logits") is None:
+            raise ValueError(f"{type(module).__name__}: cannot attach a loss to {type(output)}")
+        loss_fn = module.loss_function
+        if "shift_labels" not in inspect.signature(loss_fn).parameters:
+            raise ValueError(
+                f"{type(module).__name__}.loss_function takes no shift_labels; labels= cannot be "
+                f"used with {self.method.name}, which shortens the sequence"
+            )
+        logits = output["logits"]
+        labels = outer.labels.to(logits.device)
+        padded = torch.nn.functional.pad(labels, (0, 1), value=-100)
+        run = outer.run
+        if run is not None and run.hidden_reduced:
+            nxt = (run.rep - run.seen).clamp_min(0) + 1
+            shift = padded.gather(1, nxt.clamp_max(padded.shape[1] - 1))
+            shift = shift.masked_fill(~run.valid, -100)
+        else:  # nothing was reduced: exactly the model's own shift
+            shift = padded[..., 1:]
+        loss = loss_fn(
+            logits=logits,
+            labels=labels,
+            vocab_size=module.config.vocab_size,
+            shift_labels=shift.contiguous(),
+            **outer.loss_kw,
+        )
+        fields = {k: v for k, v in output.items() if k != "loss"}
+        return type(output)(loss=loss, **fields)
+
+    # -------------------------------------------------------------- base model hooks
+    def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        sig = self.model_sig
+        if args:  # positional arguments, by name (the mask may be one of them)
+            kwargs, args = sig.bind(args, kwargs), ()
+        passed = sig.take_cache(kwargs)  # either name -> the canonical one only
+        ids = kwargs.get("input_ids")
+        emb = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        if ref is None:
+            return args, kwargs
+        b, q = ref.shape[0], ref.shape[1]
+        device = ref.device
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True)
+        cache = passed
+        seen = cache.get_seq_length() if cache is not None else 0
+        if cache is None and use_cache:
+            cache = ReducedCache(config=self.config)
+        elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            cache = ReducedCache(config=self.config)  # generate's fresh cache
+        if cache is not None and not isinstance(cache, ReducedCache):
+            if not self._may_reduce() or (isinstance(cache, DynamicCache) and seen > 0):
+                cache = None  # nothing to reduce, or a cache prefilled elsewhere: run as is
+            else:
+                raise UnsupportedModelError(
+                    f"{type(cache).__name__} is not supported by the hf-decoder adapter; use a "
+                    "DynamicCache (the default) or tokenmerge's ReducedCache"
+                )
+        if cache is not None and cache is not passed:
+            kwargs[sig.cache] = cache
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            if self._may_reduce() or (cache is not None and cache.reduced):
+                raise ValueError(
+                    "the hf-decoder adapter needs a 2-D attention_mask (or none); "
+                    f"got a {mask.dim()}-D mask"
+                )
+            mask = None
+        new_valid = (
+            mask[:, -q:].to(device=device, dtype=torch.bool)
+            if mask is not None
+            else torch.ones(b, q, dtype=torch.bool, device=device)
+        )
+        if cache is not None:
+            have = 0 if cache.orig_valid is None else cache.orig_valid.shape[1]
+            old = cache.orig_valid
+            if have < seen:  # tokens written while unpatched: assume real
+                fill = torch.ones(b, seen - have, dtype=torch.bool, device=device)
+                old = fill if old is None else torch.cat([old, fill], 1)
+            cache.orig_valid = new_valid if old is None else torch.cat([old, new_valid], 1)
+            if mask is not None:
+                cache.note_valid(new_valid)
+        fresh = seen == 0
+        plan = _PLAN.get()
+        kv = self.kv
+        if plan is None and fresh and kv is not None and not kv.is_identity:
+            plan = _Plan(evict=True)
+        own = cache is not None and cache.reduced
+        run = _Forward(
+            cache=cache,
+            fresh=fresh,
+            seen=seen,
+            rep=torch.arange(seen, seen + q, device=device).expand(b, q),
+            valid=new_valid,
+            input_valid=new_valid,
+            plan=plan if kv is not None or _OBSERVER.get() is not None else None,
+            own_masks=own,
+            padded=mask is not None,
+        )
+        run.evicts = (
+            kv is not None
+            and cache is not None
+            and plan is not None
+            and plan.evict
+            and (plan.caps is not None or not kv.is_identity)
+        )
+        if cache is not None:
+            run.writes = run.writes0 = cache.writes
+        dec = self.decoder
+        if dec is not None and fresh and not dec.is_identity:
+            run.schedule = dict(dec.schedule(self.depth))
+            pos = new_valid.long().cumsum(1) - 1
+            run.span_count = (dec.span_mask(pos, new_valid.sum(1)) & new_valid).sum(1)
+        if own and kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = None  # HF's own mask would index the stored entries wrongly
+        outer = self._outer.get()
+        if outer is not None:
+            outer.run = run
+        self._fwd.set(run)
+        run.serve_token = _SERVING.set(cache)
+        return args, kwargs
+
+    def model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        run = self._fwd.get()
+        if run is None:
+            return output
+        self._release(run)
+        cache = run.cache
+        if cache is not None:
+            # sliding layers trim from the front: keep their index tables aligned
+            for i, idx in list(cache.index.items()):
+                n = cache.stored(i)
+                if idx.shape[-1] != n:
+                    cache.index[i] = idx[..., -n:] if n else idx[..., :0]
+            cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
+        if run.checked:
+            problem = self._verify(run, output)
+            if problem is not None:
+                raise self._error(problem)
+        return output
+
+    def _release(self, run: _Forward) -> None:
+        """End ``run``: the cache is no longer served, the state becomes :attr:`last`."""
+        if run.serve_token is not None:
+            _SERVING.reset(run.serve_token)
+            run.serve_token = None
+        run.signals.clear()
+        run.pe_cache.clear()
+        self._last.set(run)
+        self._fwd.set(None)
+
+    def _fail(self, run: _Forward, what: str) -> Exception:
+        """The error of a failed check inside the forward (the forward's state is released)."""
+        self._release(run)
+        return self._error(what)
+
+    def _verify(self, run: _Forward, output: Any) -> str | None:
+        """What did not happen of what ``run`` scheduled (``None``: everything did)."""
+        depth = self.depth
+        if len(run.attn_ran) != depth:
+            missing = sorted(set(range(depth)) - set(run.attn_ran))
+            return f"the attention hooks of layers {missing} never ran"
+        if run.layers_ran != depth:
+            return f"the decoder-layer hooks ran in {run.layers_ran} of {depth} layers"
+        missed = sorted(set(run.schedule) - run.done)
+        if missed:
+            return f"the reduction scheduled before layers {missed} never ran"
+        cache = run.cache
+        if cache is not None:
+            out = cache_of(output)
+            if out is not None and out is not cache:
+                return (
+                    f"the model returned a {type(out).__name__}, not the ReducedCache passed to "
+                    f"it as {self.model_sig.cache}="
+                )
+            wrote = cache.writes - run.writes0
+            if wrote != depth:
+                return f"{wrote} of {depth} attention layers wrote to tokenmerge's ReducedCache"
+            for i, kept in run.evicted.items():
+                n = cache.stored(i)
+                if n > kept:
+                    return f"layer {i} holds {n} cache entries after its eviction to {kept}"
+        if run.hidden_reduced and isinstance(output, Mapping):
+            h = output.get("last_hidden_state")
+            if h is not None and h.shape[1] != run.rep.shape[1]:
+                return (
+                    f"the model's output has {h.shape[1]} positions, not the {run.rep.shape[1]} "
+                    "slots kept"
+                )
+        if run.checks:  # one device sync for all of them
+            ok = torch.stack([c.reshape(()) for c, _ in run.checks])
+            if not bool(ok.all()):
+                return run.checks[int((~ok).nonzero()[0, 0])][1]()
+        return None
+
+    # -------------------------------------------------------------- decoder layer hook
+    def layer_pre(self, i: int) -> Callable[..., tuple[tuple, dict]]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            run = self._fwd.get()
+            if run is None:
+                return args, kwargs
+            run.layers_ran += 1
+            if i in run.schedule:
+                args, kwargs = self._reduce_hidden(i, run, args, kwargs)
+            if run.hidden_reduced:
+                pe = kwargs.get("position_embeddings")
+                if pe is not None:
+                    key = id(pe[0])
+                    if key not in run.pe_cache:
+                        run.pe_cache[key] = (
+                            _gather_seq(pe[0], run.sel),
+                            _gather_seq(pe[1], run.sel),
+                        )
+                    kwargs["position_embeddings"] = run.pe_cache[key]
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = _gather_seq(kwargs["position_ids"], run.sel)
+            if run.own_masks or run.hidden_reduced:
+                kwargs["attention_mask"] = self._mask(i, run)
+            return args, kwargs
+
+        return hook
+
+    def _mask(self, i: int, run: _Forward) -> Tensor | None:
+        """The attention mask of layer ``i`` over what its cache stores plus the new slots."""
+        cache = run.cache
+        q_idx, q_ok = run.rep, run.valid
+        k_idx, k_ok = q_idx, q_ok
+        if q_idx.shape[1] == 1 and self.windows[i] is None and (cache is None or not cache.holes):
+            return None  # decoding one token that may see every stored entry
+        if cache is not None:
+            past = cache.layer_index(i, seen=run.seen)
+            if past is not None:
+                p = past[:, 0]
+                k_idx = torch.cat([p, q_idx], 1)
+                k_ok = torch.cat([cache.valid_of(p), q_ok], 1)
+        window = self.windows[i]
+        allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_idx[:, :, None])
+        if window is not None:
+            allowed &= (q_idx[:, :, None] - k_idx[:, None, :]) < window
+        allowed = allowed[:, None]
+        if self.impl == "eager":
+            dtype = self.inner.dtype if hasattr(self.inner, "dtype") else torch.float32
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            return torch.where(allowed, zero, torch.finfo(dtype).min)
+        return allowed
+
+    def _reduce_hidden(self, i: int, run: _Forward, args: tuple, kwargs: dict) -> tuple:
+        method = self.decoder
+        run.done.add(i)
+        x = _hidden(args, kwargs)
+        sig = run.signals.pop(i, None)
+        if sig is None:
+            what = f"layer {i - 1}'s attention hook never ran (no scores for layer {i})"
+            raise self._fail(run, what)
+        # a fresh forward: original index = input position
+        pos_table = run.input_valid.long().cumsum(1) - 1
+        lengths = run.input_valid.sum(1)
+        pos = pos_table.gather(1, run.rep.clamp(0, pos_table.shape[1] - 1))
+        in_span = method.span_mask(pos, lengths) & run.valid
+        target = torch.round(run.span_count.double() * run.schedule[i]).long()
+        r = (in_span.sum(1) - target).clamp_min(0)
+        r = torch.where(lengths < method.min_tokens, torch.zeros_like(r), r)
+        if not bool((r > 0).any()):
+            return args, kwargs  # nothing to remove at this layer (short or empty inputs)
+        sig.x = x
+        state = TokenState.start(x, run.valid & ~in_span, size=run.valid.to(x.dtype))
+        red = method.reduce(sig, state, r, i)
+        if red is None:
+            raise self._fail(run, f"{method.name} returned no reduction before layer {i}")
+        want = run.valid.sum(1) - r
+        y, size = red.apply(x, state.size)
+        rep = run.rep.gather(1, red.rep)
+        valid = size > 0
+        perm = _left_align(valid)
+        y = _gather_seq(y, perm)
+        rep = rep.gather(1, perm)
+        valid = valid.gather(1, perm)
+        rep = torch.where(valid, rep, torch.zeros_like(rep))
+        got = valid.sum(1)
+        run.checks.append(
+            (
+                (got == want).all(),
+                lambda: f"layer {i} runs on {got.tolist()} tokens, scheduled {want.tolist()}",
+            )
+        )
+        run.rep, run.valid, run.padded = rep, valid, True
+        if run.cache is not None:
+            run.cache.note_valid(valid)  # layers from here on store these slots
+        run.sel = (rep - run.seen).clamp_min(0)
+        run.pe_cache.clear()
+        if args:
+            args = (y, *args[1:])
+        else:
+            kwargs["hidden_states"] = y
+        return args, kwargs
+
+    # -------------------------------------------------------------- attention hook
+    def attn_post(self, i: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            run = self._fwd.get()
+            if run is None:
+                return output
+            run.attn_ran.append(i)
+            if run.hidden_reduced and _hidden(args, kwargs).shape[1] != run.rep.shape[1]:
+                raise self._fail(
+                    run,
+                    f"layer {i}'s attention ran on {_hidden(args, kwargs).shape[1]} positions, "
+                    f"not the {run.rep.shape[1]} slots kept",
+                )
+            if (i + 1) in run.schedule:
+                run.signals[i + 1] = self._signals(module, run, kwargs)
+            cache = run.cache
+            if cache is not None:
+                wrote, run.writes = cache.writes != run.writes, cache.writes
+                if wrote:
+                    self._after_attention(i, module, run, kwargs)
+                elif run.checked:
+                    given = kwargs.get(self.attn_sig.cache)
+                    raise self._fail(
+                        run,
+                        f"layer {i}'s attention did not write to tokenmerge's ReducedCache (it "
+                        f"was given {type(given).__name__} as {self.attn_sig.cache}=)",
+                    )
+            run.tokens_per_layer.append(run.valid.sum(1))
+            return output
+
+        return hook
+
+    def _signals(self, attn: nn.Module, run: _Forward, kwargs: dict) -> Signals:
+        """Layer K-1's queries and keys (repeated to the query heads) for a decoder method."""
+        h = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        groups = attn.num_key_value_groups
+        k = _project(attn, "k", h, cos, sin).repeat_interleave(groups, dim=1)
+        ok = run.valid
+        if self.decoder.query == "last":
+            q = _project(attn, "q", h[:, -1:], cos[:, -1:], sin[:, -1:])
+            bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~ok, -math.inf)[:, None, None, :]
+        else:
+            q = _project(attn, "q", h, cos, sin)
+            allowed = ok[:, None, :] & (run.rep[:, None, :] <= run.rep[:, :, None])
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~allowed, -math.inf)[:, None]
+        return Signals(x=h, k=k, q=q, scale=float(attn.scaling), bias=bias)
+
+    def _after_attention(self, i: int, attn: nn.Module, run: _Forward, kwargs: dict) -> None:
+        cache = run.cache
+        layer = cache.layers[i]
+        n = cache.stored(i)
+        n_new = run.rep.shape[1]
+        if run.hidden_reduced or i in cache.index:
+            old = cache.index.get(i)
+            hk = layer.keys.shape[1]
+            new_idx = run.rep.masked_fill(~run.valid, -1) if run.padded else run.rep
+            new = new_idx[:, None, :].expand(-1, hk, -1)
+            if old is None:
+                n_old = max(n - n_new, 0)  # a sliding layer may have dropped old entries
+                ar = torch.arange(run.seen - n_old, run.seen, device=new.device)
+                old = ar.expand(new.shape[0], hk, n_old)
+            cache.index[i] = torch.cat([old, new], -1)[..., -n:] if n else new[..., :0]
+        if i in cache.stats:  # keep running statistics aligned with the entries
+            cache.stats[i] = {
+                k: torch.nn.functional.pad(v, (0, n_new))[..., -n:]
+                for k, v in cache.stats[i].items()
+            }
+        if run.plan is not None or run.hidden_reduced:  # a prefill: the peak may be now
+            cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
+        kv, observer = self.kv, _OBSERVER.get()
+        if (kv is None and observer is None) or run.plan is None or n < n_new:
+            return  # nothing to do, or a sliding layer that already dropped part of the input
+        ctx = self._context(i, attn, run, kwargs)
+        if kv is not None:
+            updates = kv.update_stats(ctx)
+            if updates:
+                ctx.stats.update(updates)
+                cache.stats[i] = dict(ctx.stats)
+        if observer is not None:
+            observer(ctx)
+        plan = run.plan
+        if kv is None or not plan.evict:
+            return
+        counts = ctx.counts
+        if plan.caps is not None:
+            keep = torch.minimum(plan.caps[i].to(counts.device), counts)
+        else:
+            keep = kv.keep(counts, i)
+        keep = torch.where(counts < kv.min_tokens, counts, keep)
+        if bool((keep >= counts).all()):
+            return
+        forced = ctx.recent(min(plan.window, n)) if plan.window > 0 else None
+        index, slot_valid = kv.select(ctx, keep, forced)
+        _evict(cache, i, ctx, index, slot_valid)
+        cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
+        run.evicted[i] = index.shape[-1]
+        got = slot_valid.sum(1)
+        run.checks.append(
+            (
+                (got == keep).all(),
+                lambda: f"layer {i} kept {got.tolist()} entries per head, budget {keep.tolist()}",
+            )
+        )
+
+    def _context(self, i: int, attn: nn.Module, run: _Forward, kwargs: dict) -> KVContext:
+        cache = run.cache
+        layer = cache.layers[i]
+        n_new = run.rep.shape[1]
+        index = cache.layer_index(i)
+        valid = cache.valid_of(index[:, 0])
+        h = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+
+        def query_fn(start: int, stop: int) -> Tensor:
+            return _project(attn, "q", h[:, start:stop], cos[:, start:stop], sin[:, start:stop])
+
+        stats = dict(cache.stats.get(i, {}))
+        return KVContext(
+            layer=i,
+            keys=layer.keys,
+            values=layer.values,
+            index=index,
+            valid=valid,
+            position=cache.position_of(index),
+            n_new=n_new,
+            scale=float(attn.scaling),
+            groups=attn.num_key_value_groups,
+            query_index=run.rep,
+            query_valid=run.valid,
+            query_fn=query_fn,
+            stats=stats,
+            softcap=getattr(attn, "attn_logit_softcapping", None),
+        )
+
+
+def _evict(cache: ReducedCache, i: int, ctx: KVContext, index: Tensor, slot_valid: Tensor) -> None:
+    """Keep entries ``index`` (``[B, H_kv, K]``) of layer ``i``; empty slots get index -1."""
+    layer = cache.layers[i]
+    d = layer.keys.shape[-1]
+    g = index[..., None].expand(-1, -1, -1, d)
+    zero = ~slot_valid[:, None, :, None]
+    layer.keys = layer.keys.gather(2, g).masked_fill(zero, 0.0)
+    layer.values = layer.values.gather(2, g).masked_fill(zero, 0.0)
+    kept = ctx.index.gather(2, index)
+    cache.index[i] = kept.masked_fill(~slot_valid[:, None, :], -1)
+    cache.note_valid(slot_valid)
+    if ctx.stats:
+        cache.stats[i] = {k: v.gather(2, index) for k, v in ctx.stats.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -11,10 +10,11 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-# The cache being served by a patched forward in this context (guards against silent misuse).
-_SERVING: contextvars.ContextVar[object | None] = contextvars.ContextVar(
-    "tokenmerge_serving", default=None
-)
+from ..base import _Local
+
+# The cache being served by a patched forward in this context (guards against silent misuse);
+# a ContextVar when eager, an attribute while torch.compile traces (see base._Local).
+_SERVING = _Local("tokenmerge_serving")
 
 
 class ReducedCache(DynamicCache):
@@ -97,11 +97,16 @@ class ReducedCache(DynamicCache):
     def holes(self) -> bool:
         """Some stored entry may be padding or an empty slot (conservative; lets decoding skip
         building masks when every entry is real)."""
-        if self._pending:
-            flags = torch.stack([~v.all() for v in self._pending])
-            self._holes = self._holes or bool(flags.any())
-            self._pending = []
+        flag = self.hole_flag()
+        self.holes = bool(flag)
         return self._holes
+
+    def hole_flag(self) -> bool | Tensor:
+        """:attr:`holes` without a device sync: a bool, or a 0-d bool tensor while validity
+        masks are still pending."""
+        if self._holes or not self._pending:
+            return self._holes
+        return torch.stack([~v.all() for v in self._pending]).any()
 
     @holes.setter
     def holes(self, value: bool) -> None:

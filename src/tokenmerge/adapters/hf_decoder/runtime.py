@@ -28,7 +28,7 @@ from ...core.state import Signals, TokenState
 from ...methods.base import Method
 from ...methods.decoder import DecoderMethod
 from ...methods.kv import KVContext, KVMethod
-from ..base import Patch, UnsupportedModelError, not_applied
+from ..base import Patch, UnsupportedModelError, _Local, not_applied
 from .cache import _SERVING, ReducedCache
 from .compat import Signature, cache_of
 
@@ -68,6 +68,7 @@ class _Forward:
     plan: _Plan | None
     own_masks: bool  # masks are built here (the cache is reduced)
     padded: bool = False  # some slot may not hold a real token (known without a device sync)
+    holes: bool = True  # some stored entry may be padding or an empty slot
     evicts: bool = False  # a KV eviction is scheduled in this forward (checked)
     sel: Tensor | None = None  # [B, n] slot -> input position, once hidden states are reduced
     span_count: Tensor | None = None  # [B] span tokens at the start (decoder site)
@@ -75,11 +76,12 @@ class _Forward:
     schedule: dict[int, float] = field(default_factory=dict)
     tokens_per_layer: list[Tensor] = field(default_factory=list)
     pe_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    serve_token: contextvars.Token | None = None
+    serving: bool = False  # the cache is served (until _release)
+    serve_prev: Any = None  # what was served before this forward
     # self-check bookkeeping
     writes: int = 0  # the cache's write count when the last attention hook ran
     writes0: int = 0  # ... when the forward started
-    layers_ran: int = 0  # decoder-layer pre-hooks that ran
+    layers_ran: list[int] = field(default_factory=list)  # layers whose pre-hook ran
     attn_ran: list[int] = field(default_factory=list)  # layers whose attention hook ran
     done: set[int] = field(default_factory=set)  # scheduled layers whose reduction step ran
     evicted: dict[int, int] = field(default_factory=dict)  # layer -> entries kept per head
@@ -102,7 +104,7 @@ class _Outer:
     run: _Forward | None = None  # the base model's forward inside this call
     labels: Tensor | None = None  # taken over when the decoder site shortens the sequence
     loss_kw: dict[str, Any] = field(default_factory=dict)
-    token: contextvars.Token | None = None
+    prev: _Outer | None = None  # the call this one is nested in (restored at its end)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,15 +197,10 @@ class _Runtime:
         self.attn_sig = Signature.of(self.attns[0], ATTN_ARGS)
         self.outer_sig = Signature.of(model, CAUSAL_LM_ARGS) if model is not inner else None
         self.method: Method | None = None
-        self._fwd: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar(
-            f"tokenmerge_fwd_{id(self)}", default=None
-        )
-        self._last: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar(
-            f"tokenmerge_last_{id(self)}", default=None
-        )
-        self._outer: contextvars.ContextVar[_Outer | None] = contextvars.ContextVar(
-            f"tokenmerge_outer_{id(self)}", default=None
-        )
+        # per-forward state: a ContextVar when eager, an attribute while torch.compile traces
+        self._fwd = _Local(f"tokenmerge_fwd_{id(self)}")  # the base model forward (_Forward)
+        self._last = _Local(f"tokenmerge_last_{id(self)}")  # the latest one, for inspection
+        self._outer = _Local(f"tokenmerge_outer_{id(self)}")  # the causal-LM call (_Outer)
 
     def bind(self, patch: Patch) -> _Runtime:
         method = patch.method
@@ -253,7 +250,8 @@ class _Runtime:
                 kwargs, args = self.outer_sig.bind(args, kwargs), ()
             if kwargs.get("labels") is not None:
                 self._take_labels(module, outer, kwargs)
-        outer.token = self._outer.set(outer)
+        outer.prev = self._outer.get()
+        self._outer.set(outer)
         return args, kwargs
 
     def _take_labels(self, module: nn.Module, outer: _Outer, kwargs: dict) -> None:
@@ -274,9 +272,8 @@ class _Runtime:
         outer = self._outer.get()
         if outer is None:
             return output
-        if outer.token is not None:
-            self._outer.reset(outer.token)
-            outer.token = None
+        self._outer.set(outer.prev)
+        outer.prev = None
         if outer.run is None and self._may_reduce():
             raise self._error(
                 f"the hooks on {type(self.inner).__name__} never ran during the "
@@ -378,6 +375,11 @@ class _Runtime:
         if plan is None and fresh and kv is not None and not kv.is_identity:
             plan = _Plan(evict=True)
         own = cache is not None and cache.reduced
+        # decoding one token: whether every stored entry is real, resolved once, here
+        holes = True
+        if own and q == 1:
+            holes = bool(cache.hole_flag())  # the one device sync of a decoding step
+            cache.holes = holes
         run = _Forward(
             cache=cache,
             fresh=fresh,
@@ -388,6 +390,7 @@ class _Runtime:
             plan=plan if kv is not None or _OBSERVER.get() is not None else None,
             own_masks=own,
             padded=mask is not None,
+            holes=holes,
         )
         run.evicts = (
             kv is not None
@@ -409,7 +412,8 @@ class _Runtime:
         if outer is not None:
             outer.run = run
         self._fwd.set(run)
-        run.serve_token = _SERVING.set(cache)
+        run.serve_prev, run.serving = _SERVING.get(), True
+        _SERVING.set(cache)
         return args, kwargs
 
     def model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -433,9 +437,9 @@ class _Runtime:
 
     def _release(self, run: _Forward) -> None:
         """End ``run``: the cache is no longer served, the state becomes :attr:`last`."""
-        if run.serve_token is not None:
-            _SERVING.reset(run.serve_token)
-            run.serve_token = None
+        if run.serving:
+            _SERVING.set(run.serve_prev)
+            run.serving, run.serve_prev = False, None
         run.signals.clear()
         run.pe_cache.clear()
         self._last.set(run)
@@ -452,8 +456,9 @@ class _Runtime:
         if len(run.attn_ran) != depth:
             missing = sorted(set(range(depth)) - set(run.attn_ran))
             return f"the attention hooks of layers {missing} never ran"
-        if run.layers_ran != depth:
-            return f"the decoder-layer hooks ran in {run.layers_ran} of {depth} layers"
+        if len(run.layers_ran) != depth:
+            missing = sorted(set(range(depth)) - set(run.layers_ran))
+            return f"the decoder-layer hooks of layers {missing} never ran"
         missed = sorted(set(run.schedule) - run.done)
         if missed:
             return f"the reduction scheduled before layers {missed} never ran"
@@ -491,7 +496,7 @@ class _Runtime:
             run = self._fwd.get()
             if run is None:
                 return args, kwargs
-            run.layers_ran += 1
+            run.layers_ran.append(i)
             if i in run.schedule:
                 args, kwargs = self._reduce_hidden(i, run, args, kwargs)
             if run.hidden_reduced:
@@ -517,7 +522,7 @@ class _Runtime:
         cache = run.cache
         q_idx, q_ok = run.rep, run.valid
         k_idx, k_ok = q_idx, q_ok
-        if q_idx.shape[1] == 1 and self.windows[i] is None and (cache is None or not cache.holes):
+        if q_idx.shape[1] == 1 and self.windows[i] is None and (cache is None or not run.holes):
             return None  # decoding one token that may see every stored entry
         if cache is not None:
             past = cache.layer_index(i, seen=run.seen)
@@ -552,13 +557,20 @@ class _Runtime:
         target = torch.round(run.span_count.double() * run.schedule[i]).long()
         r = (in_span.sum(1) - target).clamp_min(0)
         r = torch.where(lengths < method.min_tokens, torch.zeros_like(r), r)
-        if not bool((r > 0).any()):
-            return args, kwargs  # nothing to remove at this layer (short or empty inputs)
         sig.x = x
         state = TokenState.start(x, run.valid & ~in_span, size=run.valid.to(x.dtype))
-        red = method.reduce(sig, state, r, i)
+        red = method.reduce(sig, state, r, i)  # None when r removes nothing (it checks, once)
         if red is None:
-            raise self._fail(run, f"{method.name} returned no reduction before layer {i}")
+            run.checks.append(
+                (
+                    (r == 0).all(),
+                    lambda: (
+                        f"{method.name} returned no reduction before layer {i}, scheduled "
+                        f"to remove {r.tolist()} tokens"
+                    ),
+                )
+            )
+            return args, kwargs
         want = run.valid.sum(1) - r
         y, size = red.apply(x, state.size)
         rep = run.rep.gather(1, red.rep)
@@ -607,12 +619,15 @@ class _Runtime:
                 if wrote:
                     self._after_attention(i, module, run, kwargs)
                 elif run.checked:
-                    given = kwargs.get(self.attn_sig.cache)
-                    raise self._fail(
-                        run,
-                        f"layer {i}'s attention did not write to tokenmerge's ReducedCache (it "
-                        f"was given {type(given).__name__} as {self.attn_sig.cache}=)",
+                    name = self.attn_sig.cache
+                    given = kwargs.get(name)
+                    got = (
+                        f"the ReducedCache passed to it as {name}="
+                        if given is cache
+                        else f"tokenmerge's ReducedCache (it was given {type(given).__name__} as "
+                        f"{name}=)"
                     )
+                    raise self._fail(run, f"layer {i}'s attention did not write to {got}")
             run.tokens_per_layer.append(run.valid.sum(1))
             return output
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.budget import resolve
+from ..core.budget import Budget
 from ..core.flops import CostModel
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
@@ -250,6 +250,8 @@ class Patch:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
         self._attachments: tuple[list, list] | None = None
+        self._schedules: dict[tuple[int, int], tuple[int, ...]] = {}  # (n, p) -> schedule
+        self._schedules_for: Budget | None = None  # the budget they were solved for
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -442,7 +444,13 @@ class Patch:
     def _resolve(self, n: int, p: int) -> tuple[int, ...]:
         if n < self.method.min_tokens:
             return (0,) * len(self.target.blocks)
-        return resolve(self.method.budget, n, p, self.target.cost, self.method.max_r)
+        budget = self.method.budget  # DToMe's changes while it calibrates
+        if budget != self._schedules_for:
+            self._schedules, self._schedules_for = {}, budget
+        if (n, p) not in self._schedules:  # a pure function of them: solved once per shape
+            rs = budget.schedule(n, p, self.target.cost, self.method.max_r)
+            self._schedules[n, p] = tuple(rs)
+        return self._schedules[n, p]
 
     def _verify(self, run: _Run) -> None:
         """The self-check: the token counts reached are the ones the schedule asked for."""

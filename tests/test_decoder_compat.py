@@ -415,6 +415,10 @@ def test_labels_with_a_shortening_decoder_method(name):
         assert torch.equal(out.logits, plain.logits) and plain.loss is None
         want = _loss_reference(out.logits, labels, last.rep, last.valid)
         assert float(out.loss) == pytest.approx(want, rel=1e-5)
+        # shift_labels given by the caller (at the original positions) are followed too
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        again = model(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shifted)
+        assert torch.equal(again.loss, out.loss)
         with pytest.raises(ValueError, match="logits_to_keep"):
             model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=1)
 
@@ -482,4 +486,24 @@ def test_torch_compile_matches_eager_with_a_kv_method():
         e2 = model(input_ids=nxt, attention_mask=step, **hd.cache_kw(model, hd.fork_cache(a)))
         c2 = compiled(input_ids=nxt, attention_mask=step, **hd.cache_kw(model, hd.fork_cache(b)))
         torch.testing.assert_close(c2.logits, e2.logits, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_decoding_steps_add_no_graph_break():
+    """Decoding (a padded batch on an identity patch, a reduced cache whose padding record is
+    already resolved) needs no data-dependent host read, so Dynamo traces it in one graph."""
+    torch._dynamo.reset()
+    model = tiny("llama", layers=2)
+    ids, mask, _ = batch((24, 17), n=24)
+    step = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    nxt = torch.full((2, 1), 7)
+    for method in (get_method("snapkv", ratio=0.0), get_method("snapkv", ratio=0.5)):
+        with tm.patched(model, method):
+            cache = hd.cache_of(model(input_ids=ids, attention_mask=mask, use_cache=True))
+            assert cache.reduced == (method.ratio > 0)
+            cache.holes  # noqa: B018 - resolved by an earlier decoding step (eager)
+            kw = hd.cache_kw(model, cache)
+            explained = torch._dynamo.explain(model)(input_ids=nxt, attention_mask=step, **kw)
+            assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()

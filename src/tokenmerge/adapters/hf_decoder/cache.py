@@ -116,7 +116,7 @@ class ReducedCache(DynamicCache):
     def note_valid(self, valid: Tensor) -> None:
         """Record that entries with validity ``valid`` were stored (inspected only when
         :attr:`holes` is read)."""
-        if valid.numel():
+        if valid.numel() and not self._holes:  # once known to have holes, it keeps them
             self._pending.append(valid)
         if len(self._pending) > 32:  # long decodes: fold into one flag, still without a sync
             self._pending = [torch.stack([v.all() for v in self._pending]).all()]

@@ -69,7 +69,7 @@ class Prefill:
 
     Attributes:
         cache: the (reduced) cache; continue with ``model(..., **cache_kw(model, cache))`` or
-            ``model.generate(full_ids, past_key_values=cache, ...)`` while the model is patched.
+            ``model.generate(full_ids, **cache_kw(model, cache), ...)`` while the model is patched.
         logits: ``[B, V]`` next-token logits after the last token (``None`` for a base model).
         peak_bytes: the most bytes the KV cache held at any moment of the prefill.
         budget: ``[B]`` entries per layer kept at the end (``None`` without eviction).

@@ -104,7 +104,6 @@ class _Outer:
     run: _Forward | None = None  # the base model's forward inside this call
     labels: Tensor | None = None  # taken over when the decoder site shortens the sequence
     loss_kw: dict[str, Any] = field(default_factory=dict)
-    prev: _Outer | None = None  # the call this one is nested in (restored at its end)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +249,7 @@ class _Runtime:
                 kwargs, args = self.outer_sig.bind(args, kwargs), ()
             if kwargs.get("labels") is not None:
                 self._take_labels(module, outer, kwargs)
-        outer.prev = self._outer.get()
-        self._outer.set(outer)
+        self._outer.set(outer)  # a model's forward is not re-entrant: no nesting to keep
         return args, kwargs
 
     def _take_labels(self, module: nn.Module, outer: _Outer, kwargs: dict) -> None:
@@ -265,6 +263,11 @@ class _Runtime:
             )
         if kwargs.get("return_dict") is False:
             raise ValueError(f"{name}: labels= needs return_dict=True (the default)")
+        if "shift_labels" not in inspect.signature(module.loss_function).parameters:
+            raise ValueError(
+                f"{name}: its loss_function takes no shift_labels, so the loss on the kept "
+                "positions cannot be computed; drop labels= and compute it from the logits"
+            )
         outer.labels = kwargs.pop("labels")
         outer.loss_kw = {k: v for k, v in kwargs.items() if k not in self.outer_sig.names}
 
@@ -272,8 +275,7 @@ class _Runtime:
         outer = self._outer.get()
         if outer is None:
             return output
-        self._outer.set(outer.prev)
-        outer.prev = None
+        self._outer.set(None)
         if outer.run is None and self._may_reduce():
             raise self._error(
                 f"the hooks on {type(self.inner).__name__} never ran during the "
@@ -289,28 +291,24 @@ class _Runtime:
         Computed by the model's own ``loss_function`` with ``shift_labels``."""
         if not isinstance(output, Mapping) or output.get("logits") is None:
             raise ValueError(f"{type(module).__name__}: cannot attach a loss to {type(output)}")
-        loss_fn = module.loss_function
-        if "shift_labels" not in inspect.signature(loss_fn).parameters:
-            raise ValueError(
-                f"{type(module).__name__}.loss_function takes no shift_labels; labels= cannot be "
-                f"used with {self.method.name}, which shortens the sequence"
-            )
         logits = output["logits"]
         labels = outer.labels.to(logits.device)
-        padded = torch.nn.functional.pad(labels, (0, 1), value=-100)
+        loss_kw = dict(outer.loss_kw)
+        shift = loss_kw.pop("shift_labels", None)  # the caller's, at the original positions
+        if shift is None:
+            shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        shift = shift.to(logits.device)
         run = outer.run
         if run is not None and run.hidden_reduced:
-            nxt = (run.rep - run.seen).clamp_min(0) + 1
-            shift = padded.gather(1, nxt.clamp_max(padded.shape[1] - 1))
-            shift = shift.masked_fill(~run.valid, -100)
-        else:  # nothing was reduced: exactly the model's own shift
-            shift = padded[..., 1:]
-        loss = loss_fn(
+            slot = (run.rep - run.seen).clamp(0, shift.shape[1] - 1)
+            shift = shift.gather(1, slot).masked_fill(~run.valid, -100)
+        # else nothing was reduced: exactly the model's own shift
+        loss = module.loss_function(
             logits=logits,
             labels=labels,
             vocab_size=module.config.vocab_size,
             shift_labels=shift.contiguous(),
-            **outer.loss_kw,
+            **loss_kw,
         )
         fields = {k: v for k, v in output.items() if k != "loss"}
         return type(output)(loss=loss, **fields)

@@ -80,9 +80,9 @@ def test_r_too_large_names_the_limit():
     with pytest.raises(ValueError, match="r=30 at layer 2 is too large"):
         run(model, images())
     tm.remove(model)
-    tm.apply(model, tm.ToMe(r=[8, 8]))
     with pytest.raises(ValueError, match="has 2 values but the model has 3"):
-        run(model, images())
+        tm.apply(model, tm.ToMe(r=[8, 8]))  # refused when patching, before any forward
+    assert not hasattr(model, "_tokenmerge_patch")
 
 
 def test_unknown_model_lists_supported_families():

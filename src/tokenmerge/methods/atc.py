@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from .base import Method, has_work, register
 from .matching import unit
 from .pruning import candidates, per_sample
 
-_LINKAGES = ("average", "complete", "single")
+Linkage = Literal["average", "complete", "single"]
 
 
 @register
@@ -57,12 +57,7 @@ class ATC(Method):
     """
 
     name: ClassVar[str] = "atc"
-    linkage: str = "average"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.linkage not in _LINKAGES:
-            raise ValueError(f"linkage must be one of {_LINKAGES}, got {self.linkage!r}")
+    linkage: Linkage = "average"
 
     def reduce(
         self, sig: Signals, state: TokenState, r: int | Tensor, layer: int

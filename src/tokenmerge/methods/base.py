@@ -9,13 +9,26 @@ captures queries or computes attention probabilities only when asked.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
-from ..core.budget import Budget, BudgetLike, as_budget
+from ..core.budget import (
+    Budget,
+    BudgetLike,
+    as_bool,
+    as_budget,
+    as_float,
+    as_int,
+    budget_value,
+    show_value,
+)
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 
@@ -28,6 +41,87 @@ NEEDS = frozenset({"keys", "queries"})
 SITES = frozenset({"block", "decoder", "kv", "projector"})
 
 REGISTRY: dict[str, type[Method]] = {}
+
+_UNIONS = (typing.Union, types.UnionType)
+
+
+@functools.cache
+def _field_hints(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``(name, resolved annotation)`` of every init field of a method dataclass."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
+
+
+def normalise(value: Any, hint: Any, name: str) -> Any:
+    """``value`` checked against the annotation ``hint`` and normalised to plain Python types.
+
+    ``int``, ``float`` and ``bool`` accept the NumPy and 0-d tensor forms of those types and
+    refuse the others (a bool is not an int, a float is not an int, a string is not a
+    number, NaN and infinities are not floats); ``Literal[...]`` accepts only its values;
+    ``X | None`` also ``None``; ``tuple[...]`` a tuple or list of the right length, element by
+    element; ``BudgetLike`` goes through :func:`~tokenmerge.core.budget.budget_value`. Other
+    annotations (several types, tensors, ...) are left to the method. Errors name ``name``,
+    the value and the accepted forms.
+    """
+    if hint == BudgetLike:
+        return budget_value(value, name.rpartition(".")[2])
+    if hint is int:
+        return as_int(value, name)
+    if hint is float:
+        return as_float(value, name)
+    if hint is bool:
+        return as_bool(value, name)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {show_value(value)}")
+        return str(value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args) and not (
+            isinstance(value, str) and value in args
+        ):
+            raise ValueError(f"{name} must be one of {args}, got {show_value(value)}")
+        return str(value) if isinstance(value, str) else value
+    if origin in _UNIONS:
+        rest = [a for a in args if a is not type(None)]
+        if value is None and len(rest) < len(args):
+            return None
+        if len(rest) == 1:
+            if rest[0] is int:
+                return as_int(value, name, none_ok=True)
+            if rest[0] is float:
+                return as_float(value, name, none_ok=True)
+            if rest[0] is bool:
+                return as_bool(value, name, none_ok=True)
+            return normalise(value, rest[0], name)
+        return value  # several types: the method checks them itself
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+            raise TypeError(
+                f"{name} must be a tuple (or list) of {_describe(args)}, got {show_value(value)}"
+            )
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(normalise(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(
+                f"{name} must be a tuple of {len(args)} values ({_describe(args)}), got "
+                f"{value!r} ({len(value)} values)"
+            )
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(normalise(v, a, f"{name}[{i}]") for i, (v, a) in pairs)
+    return value
+
+
+def _describe(args: tuple) -> str:
+    if len(args) == 2 and args[1] is Ellipsis:
+        return f"{_name(args[0])}, ..."
+    return ", ".join(_name(a) for a in args)
+
+
+def _name(hint: Any) -> str:
+    if typing.get_origin(hint) in _UNIONS:
+        return " or ".join(_name(a) for a in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -72,9 +166,14 @@ class Method(ABC):
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
+        # every hyper-parameter checked against its annotation and normalised to plain Python
+        # types (np.int64(8) -> 8), so equality, reprs and JSON behave as with the plain values
+        owner = type(self).__name__
+        for name, hint in _field_hints(type(self)):
+            setattr(self, name, normalise(getattr(self, name), hint, f"{owner}.{name}"))
         as_budget(self.r)  # fail early on a malformed budget
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise ValueError(f"{owner}.min_tokens must be >= 0, got {self.min_tokens}")
 
     @classmethod
     def example(cls, r: int) -> Method:

@@ -62,13 +62,17 @@ class DecoderMethod(Method):
                 f"{type(self).__name__} acts at decoder layer K: set its budget with ratio= "
                 "(fraction of the span removed), not r="
             )
+        # types (ints, floats, the (start, stop) pair) are checked and normalised by Method
+        name = type(self).__name__
         if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio!r}")
+            raise ValueError(
+                f"{name}.ratio must lie in [0, 1] (the fraction of the span removed, e.g. 0.5), "
+                f"got {self.ratio!r}"
+            )
         if self.layer < 1:
-            raise ValueError(f"layer must be >= 1 (scores come from layer K-1), got {self.layer}")
-        if len(self.span) != 2:
-            raise ValueError(f"span must be (start, stop), got {self.span!r}")
-        self.span = (int(self.span[0]), None if self.span[1] is None else int(self.span[1]))
+            raise ValueError(
+                f"{name}.layer must be >= 1 (scores come from layer K-1), got {self.layer}"
+            )
 
     @classmethod
     def example(cls, r: int) -> DecoderMethod:

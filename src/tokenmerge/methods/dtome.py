@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core.budget import Budget, TargetTokens, as_budget
+from ..core.budget import Budget, TargetTokens, as_budget, as_int
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, register
@@ -112,11 +112,22 @@ class DToMe(Method):
 
     @staticmethod
     def _as_thresholds(t: Tensor | float) -> Tensor:
+        bad = isinstance(t, (str, bytes, bool)) or type(t).__name__ == "bool_"
+        if not bad and not isinstance(t, Tensor):
+            try:
+                t = torch.as_tensor(t)
+            except (TypeError, ValueError, RuntimeError):
+                bad = True
+        if bad or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(
+                "DToMe.thresholds must be a number (inf merges nothing), one per layer (a list, "
+                f"array or 1-d tensor), or None, got {t!r} (a {type(t).__name__})"
+            )
         t = torch.as_tensor(t, dtype=torch.float32).detach().cpu().clone()
         if t.dim() > 1:
             raise ValueError(f"thresholds must be a scalar or one value per layer, got {t.shape}")
         if bool(torch.isnan(t).any()):
-            raise ValueError("thresholds must not be NaN")
+            raise ValueError(f"DToMe.thresholds must not be NaN, got {t.tolist()}")
         return t
 
     @classmethod
@@ -199,7 +210,8 @@ class DToMe(Method):
 
         if target_tokens is not None and r is not None:
             raise ValueError("give either target_tokens or r, not both")
-        budget = TargetTokens(int(target_tokens)) if target_tokens is not None else None
+        batch_size = as_int(batch_size, "batch_size", minimum=1)
+        budget = TargetTokens(target_tokens) if target_tokens is not None else None
         budget = budget or as_budget(self.r if r is None else r)
         if isinstance(batches, Tensor):
             batches = batches.split(batch_size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from .base import Method, has_work, register
 from .matching import unit
 from .pruning import attention, candidates, lowest
 
-_GRAPHS = ("spatial", "semantic", "mixed")
+Graph = Literal["spatial", "semantic", "mixed"]
 
 
 @register
@@ -74,12 +74,10 @@ class GTP(Method):
     needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
     alpha: float = 0.1
     neighbours: int = 8
-    graph: str = "mixed"
+    graph: Graph = "mixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.graph not in _GRAPHS:
-            raise ValueError(f"graph must be one of {_GRAPHS}, got {self.graph!r}")
         if self.neighbours < 0:
             raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
 

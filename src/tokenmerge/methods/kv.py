@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.budget import as_float
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, register
@@ -253,17 +254,22 @@ class KVMethod(Method):
             )
         if self.prop_attn:
             raise ValueError("proportional attention does not apply to KV-cache methods")
-        if isinstance(self.ratio, (list, tuple)):
-            self.ratio = tuple(self.ratio)
-        ratios = self.ratio if isinstance(self.ratio, tuple) else (self.ratio,)
-        for x in ratios:
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < 1.0:
-                raise ValueError(
-                    f"ratio must be a number in [0, 1) (fraction removed; 0.75 = 4x) or one "
-                    f"per layer, got {self.ratio!r}"
-                )
-        if isinstance(self.ratio, tuple):
-            self.ratio = tuple(float(x) for x in self.ratio)
+        self.ratio = self._as_ratio(self.ratio, f"{type(self).__name__}.ratio")
+
+    @staticmethod
+    def _as_ratio(ratio: Any, name: str) -> float | tuple[float, ...]:
+        """A fraction in [0, 1), or one per layer (a list, tuple or 1-d array) as a tuple."""
+        hint = " (the fraction of the cache removed, e.g. 0.75 for 4x; or one per layer)"
+        if getattr(ratio, "ndim", None) == 1 and hasattr(ratio, "tolist"):
+            ratio = ratio.tolist()
+        if not isinstance(ratio, (list, tuple)):
+            return as_float(ratio, name, lo=0.0, hi=1.0, hi_open=True, hint=hint)
+        if not ratio:
+            raise ValueError(f"{name} is an empty list: give one fraction per layer{hint}")
+        return tuple(
+            as_float(x, f"{name}[{i}]", lo=0.0, hi=1.0, hi_open=True, hint=hint)
+            for i, x in enumerate(ratio)
+        )
 
     @classmethod
     def example(cls, r: int) -> KVMethod:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core.budget import Budget, Constant, MaxR, PerLayer, as_budget
+from ..core.budget import Budget, Constant, MaxR, PerLayer, as_budget, as_int
 from ..core.flops import CostModel
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
@@ -27,18 +27,30 @@ class PoolAt(Budget):
     side: int
     layer: int | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "side", as_int(self.side, "M3's pooling side r", minimum=0))
+        if self.layer is not None:
+            object.__setattr__(self, "layer", as_int(self.layer, "M3.layer", none_ok=True))
+
     @property
     def is_zero(self) -> bool:
         return self.side <= 1
 
-    def schedule(self, n0: int, n_protected: int, cost: CostModel, max_r: MaxR) -> list[int]:
-        layer = cost.depth // 2 if self.layer is None else self.layer
-        layer = layer + cost.depth if layer < 0 else layer
-        if not 0 <= layer < cost.depth:
+    def validate(self, depth: int) -> None:
+        self._layer(depth)
+
+    def _layer(self, depth: int) -> int:
+        layer = depth // 2 if self.layer is None else self.layer
+        layer = layer + depth if layer < 0 else layer
+        if not 0 <= layer < depth:
             raise ValueError(
-                f"M3 layer={self.layer} is out of range for a model with {cost.depth} patched "
-                f"layers; choose a layer in [{-cost.depth}, {cost.depth - 1}]"
+                f"M3 layer={self.layer} is out of range for a model with {depth} patched "
+                f"layers; choose a layer in [{-depth}, {depth - 1}]"
             )
+        return layer
+
+    def schedule(self, n0: int, n_protected: int, cost: CostModel, max_r: MaxR) -> list[int]:
+        layer = self._layer(cost.depth)
         return [self.side if i == layer else 0 for i in range(cost.depth)]
 
 

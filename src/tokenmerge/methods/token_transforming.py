@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -14,8 +14,8 @@ from .base import Method, has_work, register
 from .matching import unit
 from .pruning import candidates, importance, lowest
 
-_IMPORTANCE = ("cls", "keynorm", "tome")
-_WEIGHTS = ("softmax", "cosine")
+Importance = Literal["cls", "keynorm", "tome"]
+Weights = Literal["softmax", "cosine"]
 
 
 @register
@@ -99,8 +99,8 @@ class TokenTransforming(Method):
     needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
     k: int = 2
     temperature: float = 0.02
-    weights: str = "softmax"
-    importance: str = "cls"
+    weights: Weights = "softmax"
+    importance: Importance = "cls"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,10 +108,6 @@ class TokenTransforming(Method):
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.weights not in _WEIGHTS:
-            raise ValueError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
-        if self.importance not in _IMPORTANCE:
-            raise ValueError(f"importance must be one of {_IMPORTANCE}, got {self.importance!r}")
 
     def reduce(
         self, sig: Signals, state: TokenState, r: int | Tensor, layer: int

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from .base import Method, has_work, register
 from .matching import unit
 from .pruning import candidates, importance, lowest, per_sample
 
-_MERGES = ("mean", "add")
+Merge = Literal["mean", "add"]
 
 
 @register
@@ -56,14 +56,12 @@ class VisionZip(Method):
     name: ClassVar[str] = "visionzip"
     needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
     contextual_ratio: float = 10 / 64
-    merge: str = "mean"
+    merge: Merge = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.contextual_ratio <= 1.0:
             raise ValueError(f"contextual_ratio must lie in [0, 1], got {self.contextual_ratio}")
-        if self.merge not in _MERGES:
-            raise ValueError(f"merge must be one of {_MERGES}, got {self.merge!r}")
 
     def reduce(
         self, sig: Signals, state: TokenState, r: int | Tensor, layer: int

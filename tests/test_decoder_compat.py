@@ -492,7 +492,8 @@ def test_torch_compile_matches_eager_with_a_kv_method():
 @torch.no_grad()
 def test_decoding_steps_add_no_graph_break():
     """Decoding (a padded batch on an identity patch, a reduced cache whose padding record is
-    already resolved) needs no data-dependent host read, so Dynamo traces it in one graph."""
+    already resolved, the first step after an unpadded prefill) needs no data-dependent host
+    read, so Dynamo traces it in one graph."""
     torch._dynamo.reset()
     model = tiny("llama", layers=2)
     ids, mask, _ = batch((24, 17), n=24)
@@ -506,4 +507,10 @@ def test_decoding_steps_add_no_graph_break():
             kw = hd.cache_kw(model, cache)
             explained = torch._dynamo.explain(model)(input_ids=nxt, attention_mask=step, **kw)
             assert explained.graph_break_count == 0, explained.break_reasons
+    # the first step after an unpadded KV prefill: every sample kept as many entries
+    with tm.patched(model, get_method("snapkv", ratio=0.5)):
+        cache = hd.cache_of(model(input_ids=ids[:1], use_cache=True))
+        kw = hd.cache_kw(model, cache)
+        explained = torch._dynamo.explain(model)(input_ids=nxt[:1], **kw)
+        assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()

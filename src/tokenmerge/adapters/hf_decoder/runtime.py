@@ -691,11 +691,17 @@ class _Runtime:
         else:
             keep = kv.keep(counts, i)
         keep = torch.where(counts < kv.min_tokens, counts, keep)
-        if bool((keep >= counts).all()):
+        if not keep.numel():
+            return
+        # one host read: whether anything is removed, and whether every sample keeps as many
+        # (then no slot is left empty)
+        flags = torch.stack([(keep >= counts).all(), (keep == keep.max()).all()])
+        done, uniform = flags.tolist()
+        if done:
             return
         forced = ctx.recent(min(plan.window, n)) if plan.window > 0 else None
         index, slot_valid = kv.select(ctx, keep, forced)
-        _evict(cache, i, ctx, index, slot_valid)
+        _evict(cache, i, ctx, index, slot_valid, holes=not uniform)
         cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
         run.evicted[i] = index.shape[-1]
         got = slot_valid.sum(1)
@@ -737,8 +743,16 @@ class _Runtime:
         )
 
 
-def _evict(cache: ReducedCache, i: int, ctx: KVContext, index: Tensor, slot_valid: Tensor) -> None:
-    """Keep entries ``index`` (``[B, H_kv, K]``) of layer ``i``; empty slots get index -1."""
+def _evict(
+    cache: ReducedCache,
+    i: int,
+    ctx: KVContext,
+    index: Tensor,
+    slot_valid: Tensor,
+    holes: bool | None = None,
+) -> None:
+    """Keep entries ``index`` (``[B, H_kv, K]``) of layer ``i``; empty slots get index -1.
+    ``holes``: whether some slot is empty, when the caller knows (else read lazily)."""
     layer = cache.layers[i]
     d = layer.keys.shape[-1]
     g = index[..., None].expand(-1, -1, -1, d)
@@ -747,6 +761,9 @@ def _evict(cache: ReducedCache, i: int, ctx: KVContext, index: Tensor, slot_vali
     layer.values = layer.values.gather(2, g).masked_fill(zero, 0.0)
     kept = ctx.index.gather(2, index)
     cache.index[i] = kept.masked_fill(~slot_valid[:, None, :], -1)
-    cache.note_valid(slot_valid)
+    if holes is None:
+        cache.note_valid(slot_valid)
+    elif holes:
+        cache.holes = True
     if ctx.stats:
         cache.stats[i] = {k: v.gather(2, index) for k, v in ctx.stats.items()}

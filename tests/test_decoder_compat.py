@@ -87,6 +87,17 @@ def test_kv_methods_evict_on_the_installed_transformers(name):
     assert [cache.stored(i) for i in range(4)] == [20] * 4
 
 
+@torch.no_grad()
+def test_a_kv_method_without_a_cache_is_refused_not_run_unreduced():
+    model = tiny("llama")
+    ref = model(input_ids=_ids(), use_cache=False).logits
+    bad = pytest.raises(ValueError, match="use_cache=False: there is no cache to compress")
+    with tm.patched(model, get_method("snapkv", ratio=0.5)), bad:
+        model(input_ids=_ids(), use_cache=False)
+    with tm.patched(model, get_method("snapkv", ratio=0.0)):  # nothing to compress: runs
+        assert torch.equal(model(input_ids=_ids(), use_cache=False).logits, ref)
+
+
 @pytest.mark.parametrize("name", DECODER_METHODS)
 @torch.no_grad()
 def test_decoder_methods_reduce_on_the_installed_transformers(name):

@@ -331,6 +331,14 @@ class _Runtime:
             use_cache = getattr(self.config, "use_cache", True)
         cache = passed
         seen = cache.get_seq_length() if cache is not None else 0
+        kv = self.kv
+        if cache is None and not use_cache and kv is not None and not kv.is_identity:
+            raise ValueError(
+                f"{type(kv).__name__} compresses the KV cache, but this forward runs with "
+                "use_cache=False: there is no cache to compress, and its output would be the "
+                "unreduced model's. Pass use_cache=True (generate does), or call "
+                "tokenmerge.remove(model) for forwards without a cache"
+            )
         if cache is None and use_cache:
             cache = ReducedCache(config=self.config)
         elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
@@ -369,7 +377,6 @@ class _Runtime:
                 cache.note_valid(new_valid)
         fresh = seen == 0
         plan = _PLAN.get()
-        kv = self.kv
         if plan is None and fresh and kv is not None and not kv.is_identity:
             plan = _Plan(evict=True)
         own = cache is not None and cache.reduced

@@ -11,7 +11,7 @@ and MLP branches and where its queries and keys appear) and finds the blocks in 
 - passes the proportional-attention bias as the attention's own float mask, so SDPA stays fused.
 
 :meth:`Patch.remove` deletes the instance attributes and hooks, restoring the exact original
-modules. The per-forward state lives in context variables owned by the patch (:class:`_Local`):
+modules. The per-forward state lives in context variables owned by the patch (:class:`ContextSlot`):
 two models, or two threads running one model, never share it.
 """
 
@@ -39,7 +39,7 @@ ATTR = "_tokenmerge_patch"
 CLAIM = "_tokenmerge_claim"
 
 
-class _Local:
+class ContextSlot:
     """Per-forward storage: a :class:`contextvars.ContextVar` (two threads, or two models, never
     share it), and a plain attribute while ``torch.compile`` traces (Dynamo cannot trace a
     ContextVar's mutation; compiled graphs of one model run one at a time).
@@ -243,10 +243,10 @@ class Patch:
         self.method = method
         self.target = target
         self.prop_attn = target.prop_attn if method.prop_attn is None else method.prop_attn
-        self._run = _Local(f"tokenmerge_run_{id(self)}")  # the current forward (_Run)
-        self._call = _Local(f"tokenmerge_call_{id(self)}")  # the entry call in progress
-        self._grid = _Local(f"tokenmerge_grid_{id(self)}")  # (h, w) from the patch embedding
-        self._cap = _Local(f"tokenmerge_cap_{id(self)}")  # q/k captured in the attention call
+        self._run = ContextSlot(f"tokenmerge_run_{id(self)}")  # the current forward (_Run)
+        self._call = ContextSlot(f"tokenmerge_call_{id(self)}")  # the entry call in progress
+        self._grid = ContextSlot(f"tokenmerge_grid_{id(self)}")  # (h, w) from the patch embedding
+        self._cap = ContextSlot(f"tokenmerge_cap_{id(self)}")  # q/k captured in the attention call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
         self._attachments: tuple[list, list] | None = None
@@ -602,7 +602,7 @@ def _refuse_pickle(patch: Patch, obj: nn.Module) -> Callable[[int], Any]:
     return reduce_ex
 
 
-def _capture(slot: _Local, name: str) -> Callable[..., None]:
+def _capture(slot: ContextSlot, name: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, output: Tensor) -> None:
         cap = slot.get()
         if cap is not None:

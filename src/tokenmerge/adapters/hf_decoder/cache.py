@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from ..base import _Local
+from ..base import ContextSlot
 
 # The cache being served by a patched forward in this context (guards against silent misuse);
-# a ContextVar when eager, an attribute while torch.compile traces (see base._Local).
-_SERVING = _Local("tokenmerge_serving")
+# a ContextVar when eager, an attribute while torch.compile traces (see base.ContextSlot).
+_SERVING = ContextSlot("tokenmerge_serving")
 
 
 class ReducedCache(DynamicCache):

@@ -28,7 +28,7 @@ from ...core.state import Signals, TokenState
 from ...methods.base import Method
 from ...methods.decoder import DecoderMethod
 from ...methods.kv import KVContext, KVMethod
-from ..base import Patch, UnsupportedModelError, _Local, not_applied
+from ..base import ContextSlot, Patch, UnsupportedModelError, not_applied
 from .cache import _SERVING, ReducedCache
 from .compat import Signature, cache_of
 
@@ -197,9 +197,9 @@ class _Runtime:
         self.outer_sig = Signature.of(model, CAUSAL_LM_ARGS) if model is not inner else None
         self.method: Method | None = None
         # per-forward state: a ContextVar when eager, an attribute while torch.compile traces
-        self._fwd = _Local(f"tokenmerge_fwd_{id(self)}")  # the base model forward (_Forward)
-        self._last = _Local(f"tokenmerge_last_{id(self)}")  # the latest one, for inspection
-        self._outer = _Local(f"tokenmerge_outer_{id(self)}")  # the causal-LM call (_Outer)
+        self._fwd = ContextSlot(f"tokenmerge_fwd_{id(self)}")  # the base model forward (_Forward)
+        self._last = ContextSlot(f"tokenmerge_last_{id(self)}")  # the latest one, for inspection
+        self._outer = ContextSlot(f"tokenmerge_outer_{id(self)}")  # the causal-LM call (_Outer)
 
     def bind(self, patch: Patch) -> _Runtime:
         method = patch.method

@@ -15,6 +15,18 @@ Every kind accepted by ``ToMe(r=...)`` and the other methods:
 ``TargetTokens(64)``   the constant r whose final token count is closest to 64
 ``TargetFlops(0.5)``   the constant r whose analytic FLOPs ratio is closest to 0.5
 =====================  =========================================================
+
+Input rules (the same for every method's hyper-parameters, see
+:func:`tokenmerge.methods.base.normalise`): any integral type is an int (``np.int64(8)``, a 0-d
+integer tensor) and any real type a float (``np.float32(0.5)``, a 0-d tensor); both are
+normalised to plain ``int``/``float`` when the object is built, so equality, reprs, hashing and
+JSON behave as with plain values. Refused, with the parameter, the value and the accepted forms
+in the message: strings (use :func:`parse_budget` for command-line text), bools, NaN and
+infinities, negative counts, ratios outside their interval, tuples other than
+``(r, inflection)``, and floats for ``r``, ``8.0`` included: ``r=0.5`` is usually meant as a
+keep ratio (``KeepRatio(0.5)``) and is not silently read as 0. A per-layer list must have one
+value per patched layer; :meth:`Budget.validate` checks this when the model is patched, before
+any forward, a list of zeros included.
 """
 
 from __future__ import annotations

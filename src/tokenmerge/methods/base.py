@@ -143,7 +143,14 @@ class Method(ABC):
     Attributes:
         r: the budget: an int (tokens removed per layer), ``(r, inflection)``, a per-layer
             list, or a :class:`~tokenmerge.core.budget.Budget`. In a padded batch each sample
-            gets the schedule of its own length.
+            gets the schedule of its own length. A float is refused (``KeepRatio`` is the
+            fraction form).
+
+    Every field is checked against its annotation when the method is built and normalised
+    to plain Python values (:func:`normalise`: NumPy and 0-d tensor numbers become ``int`` /
+    ``float``; strings, bools, NaN and floats for ints are refused by name). Subclasses keep
+    their own range checks after ``super().__post_init__()``; annotate string choices with
+    ``Literal[...]`` and they are checked too.
         prop_attn: proportional attention (``+log size`` on the attention logits). ``None``
             takes the adapter's default for the model family.
         min_tokens: samples with fewer real tokens than this are left unreduced (short

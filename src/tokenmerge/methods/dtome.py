@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core.budget import Budget, TargetTokens, as_budget, as_int
+from ..core.budget import Budget, TargetTokens, as_budget, as_int, show_value
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, register
@@ -111,8 +111,9 @@ class DToMe(Method):
             self.thresholds = self._as_thresholds(self.thresholds)
 
     @staticmethod
-    def _as_thresholds(t: Tensor | float) -> Tensor:
-        bad = isinstance(t, (str, bytes, bool)) or type(t).__name__ == "bool_"
+    def _as_thresholds(value: Tensor | float) -> Tensor:
+        t = value
+        bad = isinstance(t, (str, bytes))
         if not bad and not isinstance(t, Tensor):
             try:
                 t = torch.as_tensor(t)
@@ -121,7 +122,7 @@ class DToMe(Method):
         if bad or t.dtype == torch.bool or t.is_complex():
             raise TypeError(
                 "DToMe.thresholds must be a number (inf merges nothing), one per layer (a list, "
-                f"array or 1-d tensor), or None, got {t!r} (a {type(t).__name__})"
+                f"array or 1-d tensor), or None, got {show_value(value)}"
             )
         t = torch.as_tensor(t, dtype=torch.float32).detach().cpu().clone()
         if t.dim() > 1:

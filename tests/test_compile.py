@@ -51,6 +51,19 @@ def test_tome_has_no_graph_break_on_hf_models(name):
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+STATIC = ["pitome", "tofu", "evit", "token_transforming", "visionzip"]
+
+
+@pytest.mark.parametrize("method", STATIC)
+@torch.no_grad()
+def test_static_budget_methods_have_no_graph_break(method):
+    """Every method whose count at an int budget is known from the shapes (static_kept)."""
+    model, run = make("hf-dinov2-sdpa")
+    tm.apply(model, tm.REGISTRY[method].example(4))
+    explained = torch._dynamo.explain(lambda x: run(model, x))(images(2))
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 @torch.no_grad()
 def test_data_dependent_methods_compile_with_breaks_and_match_eager():
     model, run = make("hf-dinov2-sdpa")

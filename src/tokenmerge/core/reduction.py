@@ -101,7 +101,13 @@ class Reduction:
         ar = torch.arange(n, device=target.device)
         is_rep = target[..., 0] == ar
         slot = is_rep.long().cumsum(1) - 1  # order-preserving output slot of each representative
-        n_out = kept if kept is not None else int(is_rep.sum(1).max()) if n else 0
+        if kept is None:
+            n_out = int(is_rep.sum(1).max()) if n else 0
+        else:
+            n_out = kept
+            if not torch.compiler.is_compiling() and b and bool((is_rep.sum(1) != kept).any()):
+                # eager runs check the promise that compiled graphs rely on
+                raise ValueError(f"from_targets(kept={kept}): some sample keeps another count")
         # representatives write their index into their slot; the rest write into a spare column
         src = ar.expand(b, n)
         rep_full = torch.zeros(b, n_out + 1, dtype=torch.long, device=target.device)

@@ -207,6 +207,13 @@ class Method(ABC):
         """
 
 
+def static_kept(state: TokenState, r: int | Tensor) -> int | None:
+    """Tokens every sample keeps after removing ``r``, when that is known without reading the
+    data (an int budget on unpadded tokens), else ``None``: pass it as
+    ``Reduction.from_targets(kept=...)`` so that ``torch.compile`` graphs stay whole."""
+    return state.pos.shape[1] - r if isinstance(r, int) and state.uniform else None
+
+
 def has_work(r: int | Tensor) -> bool:
     """Whether a (possibly per-sample) budget removes anything."""
     return bool((r > 0).any()) if isinstance(r, Tensor) else r > 0

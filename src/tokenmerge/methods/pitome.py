@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, has_work, register
+from .base import Method, has_work, register, static_kept
 from .matching import unit
 
 
@@ -130,4 +130,5 @@ class PiToMe(Method):
             sig.metric, mergeable, r, self.margin_at(layer, state.depth), self.alpha
         )
         # padding (size 0) is dropped: it carries no mass, and the batch stays compact
-        return Reduction.from_targets(target.masked_fill(~state.valid, -1))
+        target = target.masked_fill(~state.valid, -1)
+        return Reduction.from_targets(target, kept=static_kept(state, r), selection=False)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, has_work, register
+from .base import Method, has_work, register, static_kept
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -113,7 +113,10 @@ class RandomPrune(Method):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + layer) % (2**63))
         noise = torch.rand(state.n_orig, generator=g).to(sig.x.device)
         drop = lowest(noise[state.pos], candidates(state), r)
-        return Reduction.from_targets(targets_from_drop(drop, state.valid))
+        kept = static_kept(state, r)
+        return Reduction.from_targets(
+            targets_from_drop(drop, state.valid), kept=kept, selection=True
+        )
 
 
 @register
@@ -164,7 +167,8 @@ class EViT(Method):
         score = importance(sig, state)
         cand = candidates(state)
         if not self.fuse:
-            return Reduction.from_targets(targets_from_drop(lowest(score, cand, r), state.valid))
+            target = targets_from_drop(lowest(score, cand, r), state.valid)
+            return Reduction.from_targets(target, kept=static_kept(state, r), selection=True)
         r_t = per_sample(r, score.shape[0], score.device)
         drop = lowest(score, cand, torch.where(r_t > 0, r_t + 1, 0))
         target = targets_from_drop(drop, state.valid)
@@ -178,4 +182,4 @@ class EViT(Method):
             torch.finfo(score.dtype).tiny
         )
         weight = torch.where(drop, a * scale, torch.ones_like(a))
-        return Reduction.from_targets(target, weight)
+        return Reduction.from_targets(target, weight, kept=static_kept(state, r), selection=False)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, has_work, register
+from .base import Method, has_work, register, static_kept
 from .matching import bipartite_targets
 
 
@@ -71,5 +71,8 @@ class ToFu(Method):
         target = target.masked_fill(~valid, -1)
         if layer < self.switch(state.depth):
             ar = torch.arange(target.shape[1], device=target.device)
-            return Reduction.from_targets(torch.where(target == ar, target, -1))
-        return Reduction.from_targets(target, mode="mlerp")
+            prune = torch.where(target == ar, target, -1)
+            return Reduction.from_targets(prune, kept=static_kept(state, r), selection=True)
+        return Reduction.from_targets(
+            target, mode="mlerp", kept=static_kept(state, r), selection=False
+        )

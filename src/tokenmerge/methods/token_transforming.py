@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, has_work, register
+from .base import Method, has_work, register, static_kept
 from .matching import unit
 from .pruning import candidates, importance, lowest
 
@@ -147,4 +147,5 @@ class TokenTransforming(Method):
         s = src.unsqueeze(-1)
         target = torch.where(s, torch.where(real, idx, -1), target)
         weight = torch.where(s, w, weight)
-        return Reduction.from_targets(target, weight, mode="mean")
+        kept = static_kept(state, r)
+        return Reduction.from_targets(target, weight, mode="mean", kept=kept, selection=False)

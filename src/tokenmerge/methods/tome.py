@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, has_work, register
+from .base import Method, has_work, register, static_kept
 from .matching import bipartite_targets
 
 
@@ -44,6 +44,4 @@ class ToMe(Method):
             return None
         mergeable = state.valid & ~state.protected
         target = bipartite_targets(sig.metric, mergeable, r)
-        # a static budget on unpadded tokens: exactly r merge (no count read from the data)
-        kept = state.pos.shape[1] - r if isinstance(r, int) and state.uniform else None
-        return Reduction.from_targets(target, kept=kept, selection=False)
+        return Reduction.from_targets(target, kept=static_kept(state, r), selection=False)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
-from .base import Method, has_work, register
+from .base import Method, has_work, register, static_kept
 from .matching import unit
 from .pruning import candidates, importance, lowest, per_sample
 
@@ -89,9 +89,10 @@ class VisionZip(Method):
         assign = sim.argmax(-1)
         ar = torch.arange(n, device=dev).expand(b, n)
         target = torch.where(src, assign, torch.where(state.valid, ar, -1))
+        kept = static_kept(state, r)
         if self.merge == "mean":
-            return Reduction.from_targets(target)
+            return Reduction.from_targets(target, kept=kept, selection=False)
         count = torch.zeros(b, n, dtype=sig.x.dtype, device=dev)
         count.scatter_add_(1, assign, src.to(count.dtype))
         weight = torch.where(src, 1.0 / count.gather(1, assign).clamp_min(1.0), 1.0)
-        return Reduction.from_targets(target, weight, mode="sum")
+        return Reduction.from_targets(target, weight, mode="sum", kept=kept, selection=False)

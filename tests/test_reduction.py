@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -188,3 +189,15 @@ def test_variable_counts_pad_with_zero_size():
     assert red.n_out == 4
     torch.testing.assert_close(s, torch.tensor([[2.0, 1, 1, 0], [1, 1, 1, 1]]))
     assert torch.isfinite(y).all() and (y[0, 3] == 0).all()
+
+
+def test_a_wrong_static_count_is_caught_in_eager_runs():
+    """``kept`` lets compiled graphs skip reading the count; eager runs still check it."""
+    target = torch.tensor([[0, 0, 2, 3], [0, 1, 1, 3]])  # 3 outputs each
+    assert Reduction.from_targets(target, kept=3).n_out == 3
+    assert Reduction.from_targets(target, kept=3).uniform
+    with pytest.raises(ValueError, match="kept=2"):
+        Reduction.from_targets(target, kept=2)
+    uneven = torch.tensor([[0, 0, 2, 3], [0, 0, 0, 3]])
+    with pytest.raises(ValueError, match="some sample keeps another count"):
+        Reduction.from_targets(uneven, kept=3)

@@ -26,7 +26,6 @@ from test_text import BERT_IDS, batch, make_text
 import tokenmerge as tm
 from tokenmerge.adapters import UnsupportedModelError
 from tokenmerge.adapters.hf_text import mean_pool
-from tokenmerge.core.budget import resolve
 from tokenmerge.methods import REGISTRY
 
 BLOCK = sorted(n for n, c in REGISTRY.items() if c.site == "block")
@@ -127,7 +126,7 @@ def test_vision_draws_end_in_a_clear_error_or_a_correct_reduction(name, method, 
         if m.dynamic or not m.exact_counts or b == 0:
             return
         n0 = state.n_orig
-        rs = resolve(m.budget, n0, patch.target.n_prefix, patch.target.cost, m.max_r)
+        rs = m.budget.schedule(n0, patch.target.n_prefix, patch.target.cost, m.max_r)
         got = [int(c[0]) for c in state.tokens_per_layer]
         assert got == patch.target.cost.tokens(n0, list(rs))
 
@@ -174,8 +173,8 @@ def test_text_draws_end_in_a_clear_error_or_a_correct_reduction(
             return
         prot = state.orig_protected.sum(1)  # protected real tokens (padding never is)
         for i, n in enumerate(lens):
-            rs = (0,) * 3 if n < m.min_tokens else resolve(
-                m.budget, n, int(prot[i]), patch.target.cost, m.max_r)  # fmt: skip
+            rs = (0,) * 3 if n < m.min_tokens else m.budget.schedule(
+                n, int(prot[i]), patch.target.cost, m.max_r)  # fmt: skip
             got = [int(c[i]) for c in state.tokens_per_layer]
             assert got == patch.target.cost.tokens(n, list(rs))
 

@@ -504,7 +504,7 @@ class Patch:
             if run.reduced:
                 mask = st.attn_bias(self.prop_attn, x.dtype)
             else:  # nothing reduced yet: the model's own mask, so budget 0 is bit-identical
-                mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+                mask = _callers_mask(args, kwargs)
             cap: dict[str, Tensor] = {}
             self._cap.set(cap)
             try:
@@ -546,10 +546,14 @@ class Patch:
         return forward
 
 
+def _callers_mask(args: tuple, kwargs: dict) -> Tensor | None:
+    """The attention mask a block was called with (HF: ``attention_mask``, timm: ``attn_mask``)."""
+    return args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+
+
 def _refuse_custom_mask(args: tuple, kwargs: dict) -> None:
     """Merged tokens cannot follow a caller's own attention mask or causal attention."""
-    mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-    if mask is not None or kwargs.get("is_causal"):
+    if _callers_mask(args, kwargs) is not None or kwargs.get("is_causal"):
         raise ValueError(
             "tokenmerge: this vision model was called with its own attention mask (attn_mask="
             "/attention_mask=) or is_causal=True; a mask over the original tokens cannot follow "
@@ -626,9 +630,3 @@ def _heads(t: Tensor, layout: str, heads: int) -> Tensor:
         return t
     b, n, c = t.shape
     return t.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def square_grid(n: int) -> tuple[int, int] | None:
-    """``(h, w)`` for ``n`` patch tokens on a square grid, else ``None``."""
-    s = round(n**0.5)
-    return (s, s) if s * s == n else None

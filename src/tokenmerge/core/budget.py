@@ -36,7 +36,6 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from .flops import CostModel
@@ -464,9 +463,3 @@ def budget_label(b: Budget) -> str:
     if isinstance(b, TargetFlops):
         return f"flops={b.ratio:g}"
     return repr(b)
-
-
-@lru_cache(maxsize=256)
-def resolve(budget: Budget, n0: int, n_protected: int, cost: CostModel, max_r: MaxR) -> tuple:
-    """Cached :meth:`Budget.schedule` (a pure function of its arguments)."""
-    return tuple(budget.schedule(n0, n_protected, cost, max_r))

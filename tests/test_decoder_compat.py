@@ -139,24 +139,6 @@ def test_a_cache_is_accepted_under_either_name():
 
 
 @torch.no_grad()
-def test_generate_continues_a_chunked_prefill_passed_as_past_key_values():
-    model = tiny("llama")
-    ids, mask, cont = batch((40, 31))
-    full_ids, full_mask = torch.cat([ids, cont], 1), torch.cat([mask, torch.ones_like(cont)], 1)
-    gen = model.generate(full_ids, attention_mask=full_mask, max_new_tokens=5, do_sample=False)
-    with tm.patched(model, get_method("h2o", ratio=0.5)):
-        for kw in ("past_key_values", "canonical"):
-            pre = hd.chunked_prefill(model, ids, mask, chunk=16, budget=64)  # nothing evicted
-            name = hd.cache_arg(model) if kw == "canonical" else kw
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                out = model.generate(full_ids, attention_mask=full_mask, **{name: pre.cache},
-                                     max_new_tokens=5, do_sample=False)  # fmt: skip
-            assert torch.equal(out, gen)
-            assert pre.cache.seen == full_ids.shape[1] + 4
-
-
-@torch.no_grad()
 def test_positional_arguments_of_the_base_model_are_read():
     """``base(ids, mask)``: the mask passed by position marks the padding (it was ignored)."""
     base = tiny("llama").model

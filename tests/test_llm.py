@@ -385,22 +385,30 @@ def test_chunked_eviction_in_sliding_window_layers_is_batch_independent():
         torch.testing.assert_close(one, together[b : b + 1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("spelling", ["canonical", "past_key_values"])
 @torch.no_grad()
-def test_chunked_prefill_generate_continues_at_the_right_positions():
+def test_chunked_prefill_generate_continues_at_the_right_positions(spelling):
+    """Also when the cache is passed as ``past_key_values`` (deprecated in transformers 5.24)."""
     model = tiny("llama")
     ids, mask, cont = batch((40, 31))
     full_ids, full_mask = torch.cat([ids, cont], 1), torch.cat([mask, torch.ones_like(cont)], 1)
     gen = model.generate(full_ids, attention_mask=full_mask, max_new_tokens=5, do_sample=False)
+
+    def continued(cache):
+        kw = hd.cache_kw(model, cache) if spelling == "canonical" else {spelling: cache}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return model.generate(full_ids, attention_mask=full_mask, **kw, max_new_tokens=5,
+                                  do_sample=False)  # fmt: skip
+
     with tm.patched(model, get_method("h2o", ratio=0.5)):
         pre = hd.chunked_prefill(model, ids, mask, chunk=16, budget=64)  # nothing evicted
-        out = model.generate(full_ids, attention_mask=full_mask, **hd.cache_kw(model, pre.cache),
-                             max_new_tokens=5, do_sample=False)  # fmt: skip
-        assert torch.equal(out, gen)
+        assert torch.equal(continued(pre.cache), gen)
+        assert pre.cache.seen == full_ids.shape[1] + 4
         pre = hd.chunked_prefill(model, ids, mask, chunk=16)  # evicted to half
         assert pre.cache.reduced and pre.cache.layers[0].keys.shape[2] == 20
-        out = model.generate(full_ids, attention_mask=full_mask, **hd.cache_kw(model, pre.cache),
-                             max_new_tokens=5, do_sample=False)  # fmt: skip
-        assert out.shape == gen.shape and pre.cache.seen == full_ids.shape[1] + 4
+        assert continued(pre.cache).shape == gen.shape
+        assert pre.cache.seen == full_ids.shape[1] + 4
 
 
 @torch.no_grad()

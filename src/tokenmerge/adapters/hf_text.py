@@ -63,12 +63,12 @@ from .base import (
     ATTR,
     Adapter,
     BlockSpec,
-    Patch,
     Target,
     UnsupportedModelError,
     check_blocks,
     class_names,
 )
+from .patch import Patch
 
 __all__ = ["HFText", "SentenceTransformers", "mean_pool"]
 

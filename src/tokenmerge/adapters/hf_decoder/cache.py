@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from ..base import ContextSlot
+
+if TYPE_CHECKING:
+    from ...methods.kv import KVContext
 
 # The cache being served by a patched forward in this context (guards against silent misuse);
 # a ContextVar when eager, an attribute while torch.compile traces (see base.ContextSlot).
@@ -193,3 +196,29 @@ def fork_cache(cache: DynamicCache) -> DynamicCache:
         new.index = dict(cache.index)
         new.stats = {i: dict(s) for i, s in cache.stats.items()}
     return new
+
+
+def _evict(
+    cache: ReducedCache,
+    i: int,
+    ctx: KVContext,
+    index: Tensor,
+    slot_valid: Tensor,
+    holes: bool | None = None,
+) -> None:
+    """Keep entries ``index`` (``[B, H_kv, K]``) of layer ``i``; empty slots get index -1.
+    ``holes``: whether some slot is empty, when the caller knows (else read lazily)."""
+    layer = cache.layers[i]
+    d = layer.keys.shape[-1]
+    g = index[..., None].expand(-1, -1, -1, d)
+    zero = ~slot_valid[:, None, :, None]
+    layer.keys = layer.keys.gather(2, g).masked_fill(zero, 0.0)
+    layer.values = layer.values.gather(2, g).masked_fill(zero, 0.0)
+    kept = ctx.index.gather(2, index)
+    cache.index[i] = kept.masked_fill(~slot_valid[:, None, :], -1)
+    if holes is None:
+        cache.note_valid(slot_valid)
+    elif holes:
+        cache.holes = True
+    if ctx.stats:
+        cache.stats[i] = {k: v.gather(2, index) for k, v in ctx.stats.items()}

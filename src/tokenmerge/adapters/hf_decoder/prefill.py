@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from ...methods.decoder import DecoderMethod
 from ...methods.kv import KVContext, KVMethod
 from .adapter import ATTR, _inner
-from .cache import ReducedCache
+from .cache import ReducedCache, _evict
 from .compat import cache_arg
-from .runtime import _OBSERVER, _PLAN, _evict, _Plan
+from .forward import _OBSERVER, _PLAN, _Plan
 
 _INTEGRAL = "a Python int, a numpy integer or a 0-d integer tensor"
 

@@ -13,11 +13,9 @@ scheduled (ratio 0, decoding) are never checked and stay bit-identical.
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,141 +26,12 @@ from ...core.state import Signals, TokenState
 from ...methods.base import Method
 from ...methods.decoder import DecoderMethod
 from ...methods.kv import KVContext, KVMethod
-from ..base import ContextSlot, Patch, UnsupportedModelError, not_applied
-from .cache import _SERVING, ReducedCache
+from ..base import ContextSlot, UnsupportedModelError, not_applied
+from ..patch import Patch
+from .cache import _SERVING, ReducedCache, _evict
 from .compat import Signature, cache_of
-
-# --------------------------------------------------------------------------------------------
-# Per-forward state
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """What a forward does to the KV cache. ``caps[layer]``: ``[B]`` entries kept (``None``:
-    from the method's ratio); ``evict=False`` only tracks statistics."""
-
-    evict: bool = True
-    caps: dict[int, Tensor] | None = None
-    window: int = 0
-
-
-_PLAN: contextvars.ContextVar[_Plan | None] = contextvars.ContextVar(
-    "tokenmerge_plan", default=None
-)
-_OBSERVER: contextvars.ContextVar[Callable[[KVContext], None] | None] = contextvars.ContextVar(
-    "tokenmerge_observer", default=None
-)
-
-
-@dataclass
-class _Forward:
-    """One forward pass of the patched base model."""
-
-    cache: ReducedCache | None
-    fresh: bool  # the forward starts from an empty cache (a prefill)
-    seen: int  # tokens seen before this forward
-    rep: Tensor  # [B, n] original index of the current hidden slots
-    valid: Tensor  # [B, n] the slot holds a real token
-    input_valid: Tensor  # [B, q] which input tokens of this forward are real
-    plan: _Plan | None
-    own_masks: bool  # masks are built here (the cache is reduced)
-    padded: bool = False  # some slot may not hold a real token (known without a device sync)
-    holes: bool = True  # some stored entry may be padding or an empty slot
-    evicts: bool = False  # a KV eviction is scheduled in this forward (checked)
-    sel: Tensor | None = None  # [B, n] slot -> input position, once hidden states are reduced
-    span_count: Tensor | None = None  # [B] span tokens at the start (decoder site)
-    signals: dict[int, Signals] = field(default_factory=dict)
-    schedule: dict[int, float] = field(default_factory=dict)
-    tokens_per_layer: list[Tensor] = field(default_factory=list)
-    pe_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    serving: bool = False  # the cache is served (until _release)
-    serve_prev: Any = None  # what was served before this forward
-    # self-check bookkeeping
-    writes: int = 0  # the cache's write count when the last attention hook ran
-    writes0: int = 0  # ... when the forward started
-    layers_ran: list[int] = field(default_factory=list)  # layers whose pre-hook ran
-    attn_ran: list[int] = field(default_factory=list)  # layers whose attention hook ran
-    done: set[int] = field(default_factory=set)  # scheduled layers whose reduction step ran
-    evicted: dict[int, int] = field(default_factory=dict)  # layer -> entries kept per head
-    checks: list[tuple[Tensor, Callable[[], str]]] = field(default_factory=list)
-
-    @property
-    def hidden_reduced(self) -> bool:
-        return self.sel is not None
-
-    @property
-    def checked(self) -> bool:
-        """Something is scheduled in this forward, so the self-check runs."""
-        return self.evicts or bool(self.schedule)
-
-
-@dataclass
-class _Outer:
-    """One call of a patched ``...ForCausalLM`` (around its base model's forward)."""
-
-    run: _Forward | None = None  # the base model's forward inside this call
-    labels: Tensor | None = None  # taken over when the decoder site shortens the sequence
-    loss_kw: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _project(attn: nn.Module, proj: str, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Queries or keys of ``attn`` for hidden states ``h`` ``[B, n, C]``, post-RoPE:
-    ``[B, heads, n, d]`` (q/k-norm applied when the family has it)."""
-    b, n, _ = h.shape
-    x = getattr(attn, f"{proj}_proj")(h).view(b, n, -1, attn.head_dim)
-    norm = getattr(attn, f"{proj}_norm", None)
-    if norm is not None:
-        x = norm(x)
-    x = x.transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
-
-
-def _left_align(valid: Tensor) -> Tensor:
-    """Permutation ``[B, n]`` that moves the valid slots (in order) to the right end."""
-    n = valid.shape[1]
-    ar = torch.arange(n, device=valid.device)
-    return (valid.long() * n + ar).argsort(dim=1)
-
-
-def _gather_seq(t: Tensor, sel: Tensor) -> Tensor:
-    """Gather ``t`` ``[1 or B, N, ...]`` along dim 1 with ``sel`` ``[B, n]``."""
-    t = t.expand(sel.shape[0], *t.shape[1:])
-    idx = sel.reshape(*sel.shape, *([1] * (t.dim() - 2))).expand(*sel.shape, *t.shape[2:])
-    return t.gather(1, idx)
-
-
-def _window_of(attn: nn.Module, config: Any) -> int | None:
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    if type(attn).__name__ == "MistralAttention":
-        return getattr(config, "sliding_window", None)
-    return None
-
-
-def _hidden(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _is_zero(value: Any) -> bool:
-    """``logits_to_keep`` is its default (keep every position)."""
-    if value is None:
-        return True
-    if isinstance(value, Tensor):
-        return False  # explicit positions
-    return int(value) == 0
-
+from .forward import _OBSERVER, _PLAN, _Forward, _Outer, _Plan
+from .ops import _gather_seq, _hidden, _is_zero, _left_align, _project, _window_of
 
 # --------------------------------------------------------------------------------------------
 # The runtime: hooks of one patched model
@@ -748,29 +617,3 @@ class _Runtime:
             stats=stats,
             softcap=getattr(attn, "attn_logit_softcapping", None),
         )
-
-
-def _evict(
-    cache: ReducedCache,
-    i: int,
-    ctx: KVContext,
-    index: Tensor,
-    slot_valid: Tensor,
-    holes: bool | None = None,
-) -> None:
-    """Keep entries ``index`` (``[B, H_kv, K]``) of layer ``i``; empty slots get index -1.
-    ``holes``: whether some slot is empty, when the caller knows (else read lazily)."""
-    layer = cache.layers[i]
-    d = layer.keys.shape[-1]
-    g = index[..., None].expand(-1, -1, -1, d)
-    zero = ~slot_valid[:, None, :, None]
-    layer.keys = layer.keys.gather(2, g).masked_fill(zero, 0.0)
-    layer.values = layer.values.gather(2, g).masked_fill(zero, 0.0)
-    kept = ctx.index.gather(2, index)
-    cache.index[i] = kept.masked_fill(~slot_valid[:, None, :], -1)
-    if holes is None:
-        cache.note_valid(slot_valid)
-    elif holes:
-        cache.holes = True
-    if ctx.stats:
-        cache.stats[i] = {k: v.gather(2, index) for k, v in ctx.stats.items()}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ...core.budget import as_int, show_value
 from ...methods.decoder import DecoderMethod
 from ...methods.kv import KVContext, KVMethod
 from .adapter import ATTR, _inner
@@ -20,46 +19,21 @@ from .cache import ReducedCache, _evict
 from .compat import cache_arg
 from .forward import _OBSERVER, _PLAN, _Plan
 
-_INTEGRAL = "a Python int, a numpy integer or a 0-d integer tensor"
-
-
-def _refuse(name: str, value: Any, accepted: str) -> TypeError:
-    return TypeError(f"{name} must be {accepted}; got {value!r} ({type(value).__name__})")
-
-
-def _integer(name: str, value: Any, minimum: int, accepted: str = _INTEGRAL) -> int:
-    """``value`` as a Python int ``>= minimum``; bools, floats (NaN included), strings and
-    non-scalar tensors are refused by name."""
-    if isinstance(value, (bool, np.bool_)):
-        raise _refuse(name, value, accepted)
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point():
-            raise _refuse(name, value, accepted)
-        if value.is_complex():
-            raise _refuse(name, value, accepted)
-    elif isinstance(value, np.ndarray) and value.dtype == np.bool_:
-        raise _refuse(name, value, accepted)
-    try:
-        out = operator.index(value)  # int, numpy integers, 0-d integer tensors and arrays
-    except TypeError:
-        raise _refuse(name, value, accepted) from None
-    if out < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {out}")
-    return out
-
 
 def _budget(value: Any, batch: int, device: torch.device) -> Tensor:
     """A positive budget per sample, ``[B]`` long."""
-    accepted = f"{_INTEGRAL}, or a [B] integer tensor (all >= 1)"
     if isinstance(value, Tensor) and value.dim() == 1:
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            raise _refuse("budget", value, accepted)
+            raise TypeError(
+                f"budget must be an int >= 1 or a [B] integer tensor (all >= 1), got "
+                f"{show_value(value)} of dtype {value.dtype}"
+            )
         if value.shape[0] not in (1, batch):
             raise ValueError(f"budget has {value.shape[0]} entries for a batch of {batch}")
         if value.numel() and int(value.min()) < 1:
             raise ValueError(f"budget must be >= 1 for every sample; got {value.tolist()}")
         return value.to(device=device, dtype=torch.long).expand(batch)
-    n = _integer("budget", value, 1, accepted)
+    n = as_int(value, "budget", minimum=1, hint=" (or pass a [B] integer tensor, all >= 1)")
     return torch.full((batch,), n, dtype=torch.long, device=device)
 
 
@@ -122,8 +96,8 @@ def chunked_prefill(
         TypeError, ValueError: before any forward, for a ``chunk``, ``budget`` or ``window``
             that is not an integer of the accepted kind and range.
     """
-    chunk = _integer("chunk", chunk, 1)
-    window = _integer("window", window, 0)
+    chunk = as_int(chunk, "chunk", minimum=1)
+    window = as_int(window, "window", minimum=0)
     b, n = input_ids.shape
     device = input_ids.device
     caps_budget = None if budget is None else _budget(budget, b, device)

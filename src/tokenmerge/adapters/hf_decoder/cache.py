@@ -33,6 +33,10 @@ class ReducedCache(DynamicCache):
             (``-1``: empty slot). Layers absent from it store their tokens unreduced.
         stats: per layer, running statistics of stateful KV methods, aligned with the entries.
         peak_bytes: the most bytes the cache has held at once (keys, values and indices).
+        budgets: per layer, ``[B]`` entries a method that evicts while decoding (TOVA) holds
+            the layer at.
+        ragged: some layer's heads hold different numbers of entries (AdaKV); attention
+            masks are then built per head.
     """
 
     def __init__(self, config: Any = None) -> None:
@@ -42,6 +46,8 @@ class ReducedCache(DynamicCache):
         self.index: dict[int, Tensor] = {}
         self.stats: dict[int, dict[str, Tensor]] = {}
         self.peak_bytes = 0
+        self.budgets: dict[int, Tensor] = {}
+        self.ragged = False
         #: ``update`` calls so far (the runtime checks that every attention layer wrote here)
         self.writes = 0
         self._holes = False
@@ -82,6 +88,7 @@ class ReducedCache(DynamicCache):
             self.orig_valid = fn(self.orig_valid)
         self.index = {i: fn(t) for i, t in self.index.items()}
         self.stats = {i: {k: fn(v) for k, v in s.items()} for i, s in self.stats.items()}
+        self.budgets = {i: fn(t) for i, t in self.budgets.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -195,6 +202,7 @@ def fork_cache(cache: DynamicCache) -> DynamicCache:
         new._pending = list(cache._pending)
         new.index = dict(cache.index)
         new.stats = {i: dict(s) for i, s in cache.stats.items()}
+        new.budgets = dict(cache.budgets)
     return new
 
 
@@ -207,17 +215,22 @@ def _evict(
     holes: bool | None = None,
 ) -> None:
     """Keep entries ``index`` (``[B, H_kv, K]``) of layer ``i``; empty slots get index -1.
-    ``holes``: whether some slot is empty, when the caller knows (else read lazily)."""
+    ``slot_valid`` is ``[B, K]``, or ``[B, H_kv, K]`` when heads keep different numbers
+    (the cache becomes :attr:`~ReducedCache.ragged`). ``holes``: whether some slot is empty,
+    when the caller knows (else read lazily)."""
     layer = cache.layers[i]
     d = layer.keys.shape[-1]
     g = index[..., None].expand(-1, -1, -1, d)
-    zero = ~slot_valid[:, None, :, None]
+    per_head = slot_valid if slot_valid.dim() == 3 else slot_valid[:, None, :]
+    zero = ~per_head[..., None]
     layer.keys = layer.keys.gather(2, g).masked_fill(zero, 0.0)
     layer.values = layer.values.gather(2, g).masked_fill(zero, 0.0)
     kept = ctx.index.gather(2, index)
-    cache.index[i] = kept.masked_fill(~slot_valid[:, None, :], -1)
+    cache.index[i] = kept.masked_fill(~per_head, -1)
+    if slot_valid.dim() == 3:
+        cache.ragged = True
     if holes is None:
-        cache.note_valid(slot_valid)
+        cache.note_valid(per_head.flatten(1))
     elif holes:
         cache.holes = True
     if ctx.stats:

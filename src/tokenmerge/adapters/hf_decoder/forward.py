@@ -17,11 +17,13 @@ from .cache import ReducedCache
 @dataclass
 class _Plan:
     """What a forward does to the KV cache. ``caps[layer]``: ``[B]`` entries kept (``None``:
-    from the method's ratio); ``evict=False`` only tracks statistics."""
+    from the method's ratio); ``evict=False`` only tracks statistics; ``track=False`` not
+    even that (the scoring forwards after a prefill, which only an observer reads)."""
 
     evict: bool = True
     caps: dict[int, Tensor] | None = None
     window: int = 0
+    track: bool = True
 
 
 _PLAN: contextvars.ContextVar[_Plan | None] = contextvars.ContextVar(
@@ -63,6 +65,9 @@ class _Forward:
     done: set[int] = field(default_factory=set)  # scheduled layers whose reduction step ran
     evicted: dict[int, int] = field(default_factory=dict)  # layer -> entries kept per head
     checks: list[tuple[Tensor, Callable[[], str]]] = field(default_factory=list)
+    # methods that score after the prefill (KVzip): the layers waiting, and the prefill's input
+    deferred: dict[int, KVContext] = field(default_factory=dict)
+    inputs: tuple[Tensor | None, Tensor | None] | None = None  # (input_ids, inputs_embeds)
 
     @property
     def hidden_reduced(self) -> bool:

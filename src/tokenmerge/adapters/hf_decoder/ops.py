@@ -13,15 +13,20 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _project(attn: nn.Module, proj: str, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Queries or keys of ``attn`` for hidden states ``h`` ``[B, n, C]``, post-RoPE:
+def _project_raw(attn: nn.Module, proj: str, h: Tensor) -> Tensor:
+    """Queries or keys of ``attn`` for hidden states ``h`` ``[B, n, C]`` before RoPE:
     ``[B, heads, n, d]`` (q/k-norm applied when the family has it)."""
     b, n, _ = h.shape
     x = getattr(attn, f"{proj}_proj")(h).view(b, n, -1, attn.head_dim)
     norm = getattr(attn, f"{proj}_norm", None)
     if norm is not None:
         x = norm(x)
-    x = x.transpose(1, 2)
+    return x.transpose(1, 2)
+
+
+def _project(attn: nn.Module, proj: str, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`_project_raw`, rotated: post-RoPE ``[B, heads, n, d]``."""
+    x = _project_raw(attn, proj, h)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
 

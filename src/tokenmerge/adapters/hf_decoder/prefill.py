@@ -18,6 +18,7 @@ from .adapter import ATTR, _inner
 from .cache import ReducedCache, _evict
 from .compat import cache_arg
 from .forward import _OBSERVER, _PLAN, _Plan
+from .reconstruct import _recency, reconstruction_scores, with_scores
 
 
 def _budget(value: Any, batch: int, device: torch.device) -> Tensor:
@@ -108,6 +109,16 @@ def chunked_prefill(
                          f"a decoder-site method ({method.name})")  # fmt: skip
     if budget is not None and not isinstance(method, KVMethod):
         raise ValueError("a budget needs a KV method: tm.apply(model, <kv method>) first")
+    if isinstance(method, KVMethod) and (method.reconstructs or method.ragged):
+        why = (
+            "scores the context with forwards after the whole prefill"
+            if method.reconstructs
+            else "leaves heads with different numbers of entries, which cannot be evicted again"
+        )
+        raise ValueError(
+            f"chunked prefill evicts after every chunk, but {method.name} {why}; use a "
+            "one-shot prefill (model(ids, use_cache=True) or generate) with this method"
+        )
     inner = _inner(model)
     if cache is None:
         cache = ReducedCache(config=inner.config)
@@ -125,7 +136,7 @@ def chunked_prefill(
         totals = real if total is None else torch.as_tensor(total, device=device).expand(b)
         caps = {}
         for i in range(rt.depth):
-            caps[i] = caps_budget if caps_budget is not None else method.keep(totals, i)
+            caps[i] = caps_budget if caps_budget is not None else method.keep(totals, i, rt.depth)
         if b:
             min_cap = int(torch.stack([c.min() for c in caps.values()]).min())
             window = min(window, max(min_cap // 2, 0))
@@ -180,21 +191,50 @@ def observe(fn: Callable[[KVContext], None], evict: bool | None = None) -> Itera
         _OBSERVER.reset(token)
 
 
-def compress(cache: ReducedCache, contexts: dict[int, KVContext], method: KVMethod) -> ReducedCache:
+def compress(
+    cache: ReducedCache,
+    contexts: dict[int, KVContext],
+    method: KVMethod,
+    *,
+    model: nn.Module | None = None,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+) -> ReducedCache:
     """Evict ``cache`` (in place) with ``method``, from contexts recorded by :func:`observe`.
 
     This is exactly what a patched forward does after its attention at each layer, split in
     two so that one prefill can be compressed by several methods and ratios (benchmarks):
     ``compress(fork_cache(full), contexts, tm.get_method("snapkv", ratio=0.75))``.
+
+    A method that scores with forwards after the prefill (KVzip) also needs the ``model``
+    (patched with any KV method) and the prefill's ``input_ids`` (and ``attention_mask`` for
+    left padding); those forwards run on forks, so ``cache`` only loses entries.
     """
+    scores = None
+    if method.reconstructs:
+        rt = getattr(model, ATTR, None) if model is not None else None
+        if rt is None or input_ids is None:
+            raise ValueError(
+                f"{method.name} scores with forwards after the prefill: pass model= (patched "
+                "with tm.apply) and the prefill's input_ids= to compress"
+            )
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.to(input_ids.device).bool()
+        )
+        scores = reconstruction_scores(rt, cache, (input_ids, None), valid, method)
+    depth = len(cache.layers)
     for i, ctx in contexts.items():
         if cache.stored(i) != ctx.length:
             raise ValueError(f"layer {i}: the cache no longer matches the recorded context")
         if method.stateful and method.name not in ctx.stats:
             ctx = copy.copy(ctx)
             ctx.stats = {**ctx.stats, **method.update_stats(ctx)}
+        if scores is not None:
+            ctx = with_scores(copy.copy(ctx), scores.get(i, _recency(ctx)))
         counts = ctx.counts
-        keep = method.keep(counts, i)
+        keep = method.keep(counts, i, depth)
         if bool((keep >= counts).all()):
             continue
         index, slot_valid = method.select(ctx, keep)

@@ -25,12 +25,13 @@ from transformers.cache_utils import DynamicCache
 from ...core.state import Signals, TokenState
 from ...methods.base import Method
 from ...methods.decoder import DecoderMethod
-from ...methods.kv import KVContext, KVMethod
+from ...methods.kv import KVMethod
 from ..base import ContextSlot, UnsupportedModelError, not_applied
 from ..patch import Patch
-from .cache import _SERVING, ReducedCache, _evict
+from .cache import _SERVING, ReducedCache
 from .compat import Signature, cache_of
 from .forward import _OBSERVER, _PLAN, _Forward, _Outer, _Plan
+from .kvsite import _KVSite
 from .ops import _gather_seq, _hidden, _is_zero, _left_align, _project, _window_of
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ ATTN_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
 CAUSAL_LM_ARGS = ("labels", "logits_to_keep")
 
 
-class _Runtime:
+class _Runtime(_KVSite):
     """The hooks of one patched model and the state of its forwards (a context variable).
 
     The argument names of the patched forwards are read from their signatures once, here, so
@@ -248,6 +249,9 @@ class _Runtime:
         plan = _PLAN.get()
         if plan is None and fresh and kv is not None and not kv.is_identity:
             plan = _Plan(evict=True)
+        elif plan is None and kv is not None and kv.decode_evict and cache is not None:
+            # TOVA: hold every layer at the size its prefill left (none: nothing to hold)
+            plan = _Plan(evict=True, caps=cache.budgets) if cache.budgets else None
         own = cache is not None and cache.reduced
         # decoding one token: whether every stored entry is real, resolved once, here
         holes = True
@@ -275,6 +279,8 @@ class _Runtime:
         )
         if cache is not None:
             run.writes = run.writes0 = cache.writes
+        if run.evicts and kv.reconstructs and plan.caps is None:
+            run.inputs = (ids, emb)  # the context its forwards after the prefill repeat
         dec = self.decoder
         if dec is not None and fresh and not dec.is_identity:
             run.schedule = dict(dec.schedule(self.depth))
@@ -296,6 +302,11 @@ class _Runtime:
             return output
         self._release(run)
         cache = run.cache
+        if run.deferred:
+            from .reconstruct import score_by_reconstruction
+
+            score_by_reconstruction(self, run)
+            self._last.set(run)  # the prefill, not its nested scoring forwards
         if cache is not None:
             # sliding layers trim from the front: keep their index tables aligned
             for i, idx in list(cache.index.items()):
@@ -394,21 +405,26 @@ class _Runtime:
     def _mask(self, i: int, run: _Forward) -> Tensor | None:
         """The attention mask of layer ``i`` over what its cache stores plus the new slots."""
         cache = run.cache
-        q_idx, q_ok = run.rep, run.valid
+        q_idx, q_ok = run.rep[:, None], run.valid[:, None]  # [B, 1, n]
         k_idx, k_ok = q_idx, q_ok
-        if q_idx.shape[1] == 1 and self.windows[i] is None and (cache is None or not run.holes):
+        if q_idx.shape[2] == 1 and self.windows[i] is None and (cache is None or not run.holes):
             return None  # decoding one token that may see every stored entry
+        heads = 1
         if cache is not None:
             past = cache.layer_index(i, seen=run.seen)
             if past is not None:
-                p = past[:, 0]
-                k_idx = torch.cat([p, q_idx], 1)
-                k_ok = torch.cat([cache.valid_of(p), q_ok], 1)
+                # one mask for all heads, or one per head when they hold different entries
+                p = past if cache.ragged else past[:, :1]
+                heads = p.shape[1]
+                k_idx = torch.cat([p, q_idx.expand(-1, heads, -1)], 2)
+                k_ok = torch.cat([cache.valid_of(p), q_ok.expand(-1, heads, -1)], 2)
         window = self.windows[i]
-        allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_idx[:, :, None])
+        q_col = q_idx[:, :, :, None]
+        allowed = k_ok[:, :, None, :] & (k_idx[:, :, None, :] <= q_col)  # [B, h, n, K]
         if window is not None:
-            allowed &= (q_idx[:, :, None] - k_idx[:, None, :]) < window
-        allowed = allowed[:, None]
+            allowed &= (q_col - k_idx[:, :, None, :]) < window
+        if heads > 1:
+            allowed = allowed.repeat_interleave(self.attns[i].num_key_value_groups, dim=1)
         if self.impl == "eager":
             dtype = self.inner.dtype if hasattr(self.inner, "dtype") else torch.float32
             zero = torch.zeros((), dtype=dtype, device=allowed.device)
@@ -524,96 +540,3 @@ class _Runtime:
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~allowed, -math.inf)[:, None]
         return Signals(x=h, k=k, q=q, scale=float(attn.scaling), bias=bias)
-
-    def _after_attention(self, i: int, attn: nn.Module, run: _Forward, kwargs: dict) -> None:
-        cache = run.cache
-        layer = cache.layers[i]
-        n = cache.stored(i)
-        n_new = run.rep.shape[1]
-        if run.hidden_reduced or i in cache.index:
-            old = cache.index.get(i)
-            hk = layer.keys.shape[1]
-            new_idx = run.rep.masked_fill(~run.valid, -1) if run.padded else run.rep
-            new = new_idx[:, None, :].expand(-1, hk, -1)
-            if old is None:
-                n_old = max(n - n_new, 0)  # a sliding layer may have dropped old entries
-                ar = torch.arange(run.seen - n_old, run.seen, device=new.device)
-                old = ar.expand(new.shape[0], hk, n_old)
-            cache.index[i] = torch.cat([old, new], -1)[..., -n:] if n else new[..., :0]
-        if i in cache.stats:  # keep running statistics aligned with the entries
-            cache.stats[i] = {
-                k: torch.nn.functional.pad(v, (0, n_new))[..., -n:]
-                for k, v in cache.stats[i].items()
-            }
-        if run.plan is not None or run.hidden_reduced:  # a prefill: the peak may be now
-            cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
-        kv, observer = self.kv, _OBSERVER.get()
-        if (kv is None and observer is None) or run.plan is None or n < n_new:
-            return  # nothing to do, or a sliding layer that already dropped part of the input
-        ctx = self._context(i, attn, run, kwargs)
-        if kv is not None:
-            updates = kv.update_stats(ctx)
-            if updates:
-                ctx.stats.update(updates)
-                cache.stats[i] = dict(ctx.stats)
-        if observer is not None:
-            observer(ctx)
-        plan = run.plan
-        if kv is None or not plan.evict:
-            return
-        counts = ctx.counts
-        if plan.caps is not None:
-            keep = torch.minimum(plan.caps[i].to(counts.device), counts)
-        else:
-            keep = kv.keep(counts, i)
-        keep = torch.where(counts < kv.min_tokens, counts, keep)
-        if not keep.numel():
-            return
-        # one host read: whether anything is removed, and whether every sample keeps as many
-        # (then no slot is left empty)
-        flags = torch.stack([(keep >= counts).all(), (keep == keep.max()).all()])
-        done, uniform = flags.tolist()
-        if done:
-            return
-        forced = ctx.recent(min(plan.window, n)) if plan.window > 0 else None
-        index, slot_valid = kv.select(ctx, keep, forced)
-        _evict(cache, i, ctx, index, slot_valid, holes=not uniform)
-        cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
-        run.evicted[i] = index.shape[-1]
-        got = slot_valid.sum(1)
-        run.checks.append(
-            (
-                (got == keep).all(),
-                lambda: f"layer {i} kept {got.tolist()} entries per head, budget {keep.tolist()}",
-            )
-        )
-
-    def _context(self, i: int, attn: nn.Module, run: _Forward, kwargs: dict) -> KVContext:
-        cache = run.cache
-        layer = cache.layers[i]
-        n_new = run.rep.shape[1]
-        index = cache.layer_index(i)
-        valid = cache.valid_of(index[:, 0])
-        h = kwargs["hidden_states"]
-        cos, sin = kwargs["position_embeddings"]
-
-        def query_fn(start: int, stop: int) -> Tensor:
-            return _project(attn, "q", h[:, start:stop], cos[:, start:stop], sin[:, start:stop])
-
-        stats = dict(cache.stats.get(i, {}))
-        return KVContext(
-            layer=i,
-            keys=layer.keys,
-            values=layer.values,
-            index=index,
-            valid=valid,
-            position=cache.position_of(index),
-            n_new=n_new,
-            scale=float(attn.scaling),
-            groups=attn.num_key_value_groups,
-            query_index=run.rep,
-            query_valid=run.valid,
-            query_fn=query_fn,
-            stats=stats,
-            softcap=getattr(attn, "attn_logit_softcapping", None),
-        )

@@ -1,39 +1,6 @@
-"""KV-cache methods: which cached keys and values a decoder LLM keeps (the ``"kv"`` site).
-
-A KV method scores every entry of one layer's cache and keeps the best ones. The adapter
-(:mod:`tokenmerge.adapters.hf_decoder`) calls it right after that layer's attention, so the
-prefill itself is exact and each layer's cache is shrunk as soon as it is written (peak memory
-falls as well as the final size). Scores are ``[B, H_kv, L]``: one per KV head and entry, so
-every scorer works with grouped-query attention (query heads are averaged within their group).
-
-Budgets. ``ratio`` is the fraction of each sequence's entries that is *removed* (kvpress's
-``compression_ratio``): ``0.5`` is 2x compression, ``0.75`` is 4x, ``0.875`` is 8x. It may be
-a tuple with one value per layer. Each sample keeps ``round(n_b (1 - ratio))`` of its own ``n_b``
-real entries, so padding never counts and never survives. ``per_head=True`` (the default, as in
-kvpress and SnapKV) lets every KV head keep its own entries, with the same number per head;
-``False`` averages the scores over heads and keeps one set for all of them.
-
-Scorers (higher = keep):
-
-=================  ==============================================================  =========
-name               score of entry ``j``                                            needs
-=================  ==============================================================  =========
-``streaming_llm``  ``+inf`` for the first ``sinks`` tokens, else the position      nothing
-``snapkv``         pooled attention from the last ``window`` queries               queries
-``h2o``            attention accumulated over every query so far (+ recent half)   queries
-``knorm``          ``-||k_j||``                                                     keys
-``random_kv``      a hash of (seed, layer, head, position)                         nothing
-=================  ==============================================================  =========
-
-Attention for scoring is computed explicitly (``softmax(q Kᵀ/√d)``) at the scored layer only,
-for the queries a scorer asks for; the model's own attention keeps its fused kernel. Kept keys
-keep the RoPE phase of their original position (no re-rotation), and later tokens continue at
-their original positions.
-
-Layers with a sliding window (Mistral, Gemma 3's local layers) are compressed too when they
-hold the whole prefill; when the prefill is longer than the window they already hold only the
-window and are left alone.
-"""
+"""What every KV method shares: the view of one layer's cache (:class:`KVContext`), the
+selection of kept entries (:func:`select_entries`) and the base class with its budgets
+(:class:`KVMethod`). The scorers are one file each in this package."""
 
 from __future__ import annotations
 
@@ -41,18 +8,19 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.budget import as_float
-from ..core.reduction import Reduction
-from ..core.state import Signals, TokenState
-from .base import Method, register
+from ...core.budget import as_float
+from ...core.reduction import Reduction
+from ...core.state import Signals, TokenState
+from ..base import Method
 
 QueryFn = Callable[[int, int], Tensor]
+#: the stats entry that holds the scores of forwards after the prefill (KVzip)
+RECONSTRUCTION = "reconstruction"
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +50,11 @@ class KVContext:
         stats: running per-entry statistics of stateful methods (e.g. H2O's accumulated
             attention), ``[B, H_kv, L]`` each, aligned with the entries.
         softcap: logit soft-capping of the model (Gemma 2 style), or ``None``.
+        raw_query_fn: pre-RoPE queries (after any q-norm) of the current forward's tokens
+            ``[start, stop)``: ``[B, H, n, d]`` (Expected Attention's statistics).
+        rope_fn: this layer's rotary embedding at the given positions ``[T]``: ``(cos, sin)``
+            ``[T, d]`` each, so that ``R_p q = q cos_p + rotate_half(q) sin_p``.
+        query_rope: ``(cos, sin)`` ``[B, n_new, d]`` with which the current queries were rotated.
     """
 
     layer: int
@@ -98,6 +71,9 @@ class KVContext:
     query_fn: QueryFn | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
     softcap: float | None = None
+    raw_query_fn: QueryFn | None = None
+    rope_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    query_rope: tuple[Tensor, Tensor] | None = None
     _memo: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -122,6 +98,16 @@ class KVContext:
             self._memo[key] = self.query_fn(self.n_new - n, self.n_new)
         sl = slice(self.n_new - n, self.n_new)
         return self._memo[key], self.query_index[:, sl], self.query_valid[:, sl]
+
+    def raw_queries(self, n: int) -> Tensor:
+        """Pre-RoPE queries ``[B, H, n, d]`` of the last ``n`` tokens of the current forward."""
+        if self.raw_query_fn is None:
+            raise RuntimeError("this cache was not written by a forward whose queries are known")
+        n = min(n, self.n_new)
+        key = ("raw_q", n)
+        if key not in self._memo:
+            self._memo[key] = self.raw_query_fn(self.n_new - n, self.n_new)
+        return self._memo[key]
 
     def _logits(self, q: Tensor, q_index: Tensor) -> Tensor:
         """Masked attention logits ``[B, H, m, L]`` of queries ``q`` over every stored entry."""
@@ -236,14 +222,28 @@ class KVMethod(Method):
             one value per decoder layer.
         per_head: each KV head keeps its own entries (True), or all heads keep the entries
             with the best head-averaged score (False).
+        layer_budget: ``"uniform"`` (every layer removes ``ratio``) or ``"pyramid"``
+            (PyramidKV's arithmetic schedule, more entries at the lower layers, the same
+            total; see :func:`~tokenmerge.methods.kv.pyramid.pyramid_ratios`). A per-layer
+            ``ratio`` tuple is used as given.
+        pyramid_beta: PyramidKV's ``beta``: the top layer keeps ``1/beta`` of the mean budget.
     """
 
     site: ClassVar[str] = "kv"
     #: the method keeps per-entry statistics across forwards (chunked prefill)
     stateful: ClassVar[bool] = False
+    #: the method scores after the whole prefill with extra forwards (KVzip): the adapter
+    #: defers the prefill's eviction until they have run
+    reconstructs: ClassVar[bool] = False
+    #: the method also evicts while decoding, holding each layer at its prefill budget (TOVA)
+    decode_evict: ClassVar[bool] = False
+    #: heads may keep different numbers of entries (AdaKV); such a cache is not evicted again
+    ragged: ClassVar[bool] = False
 
     ratio: float | Sequence[float] = 0.0
     per_head: bool = True
+    layer_budget: Literal["uniform", "pyramid"] = "uniform"
+    pyramid_beta: float = 20.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -255,6 +255,13 @@ class KVMethod(Method):
         if self.prop_attn:
             raise ValueError("proportional attention does not apply to KV-cache methods")
         self.ratio = self._as_ratio(self.ratio, f"{type(self).__name__}.ratio")
+        if self.pyramid_beta < 1.0:
+            raise ValueError(f"pyramid_beta must be >= 1, got {self.pyramid_beta}")
+        if self.layer_budget == "pyramid" and isinstance(self.ratio, tuple):
+            raise ValueError(
+                'layer_budget="pyramid" derives the per-layer ratios from one ratio; got a '
+                "per-layer tuple (pass one float, or the tuple with layer_budget='uniform')"
+            )
 
     @staticmethod
     def _as_ratio(ratio: Any, name: str) -> float | tuple[float, ...]:
@@ -277,10 +284,19 @@ class KVMethod(Method):
         return cls(ratio=0.0 if r == 0 else 0.5)
 
     # -------------------------------------------------------------- budget
-    def ratio_at(self, layer: int) -> float:
+    def ratio_at(self, layer: int, depth: int) -> float:
+        """The fraction removed at ``layer`` of a model with ``depth`` decoder layers."""
         if isinstance(self.ratio, tuple):
             return self.ratio[layer]
+        if self.layer_budget == "pyramid":
+            from .pyramid import pyramid_ratios
+
+            return pyramid_ratios(float(self.ratio), depth, self.pyramid_beta)[layer]
         return float(self.ratio)
+
+    def extra_forwards(self, n: int) -> int:
+        """Forwards beyond the prefill that scoring a context of ``n`` tokens costs."""
+        return 0
 
     def check_depth(self, depth: int) -> None:
         """Raise if per-layer ratios do not match a model of ``depth`` layers."""
@@ -296,12 +312,13 @@ class KVMethod(Method):
         rs = self.ratio if isinstance(self.ratio, tuple) else (self.ratio,)
         return all(x == 0.0 for x in rs)
 
-    def keep(self, n: Tensor, layer: int) -> Tensor:
-        """Entries kept per sample out of ``n`` real ones: ``round(n (1 - ratio))``, at least 1.
+    def keep(self, n: Tensor, layer: int, depth: int) -> Tensor:
+        """Entries kept per sample out of ``n`` real ones: ``round(n (1 - ratio))``, at least 1
+        (``ratio`` of ``layer`` in a model of ``depth`` layers).
 
         Samples with fewer than ``min_tokens`` real entries keep everything.
         """
-        k = torch.round(n.double() * (1.0 - self.ratio_at(layer))).long()
+        k = torch.round(n.double() * (1.0 - self.ratio_at(layer, depth))).long()
         k = torch.maximum(k, torch.ones_like(k)).minimum(n)
         return torch.where(n < self.min_tokens, n, k)
 
@@ -321,7 +338,8 @@ class KVMethod(Method):
     def select(
         self, ctx: KVContext, keep: Tensor, forced: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The entries to keep: ``index [B, H_kv, K]`` and ``slot_valid [B, K]``."""
+        """The entries to keep: ``index [B, H_kv, K]`` and ``slot_valid [B, K]`` (``[B, H_kv,
+        K]`` for :attr:`ragged` methods, whose heads keep different numbers)."""
         scores = self.score(ctx)
         own = self.must_keep(ctx, keep)
         if own is not None:
@@ -339,177 +357,3 @@ class KVMethod(Method):
             f"{type(self).__name__} acts on the KV cache: it is driven by the hf-decoder adapter "
             "(tm.apply on a decoder LLM), not by the block patch engine"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Scorers
-# --------------------------------------------------------------------------------------------
-
-
-@register
-@dataclass
-class StreamingLLM(KVMethod):
-    """StreamingLLM (Xiao et al., ICLR 2024): attention sinks plus the most recent tokens.
-
-    "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453.
-
-    Keep the first ``sinks`` tokens of each sequence (the attention sinks) and the most recent
-    ones: with ``p_j`` the position of entry ``j`` in its own sequence,
-    ``score_j = +inf if p_j < sinks else p_j``. Positions are the original ones (no key
-    re-rotation: kept keys keep the RoPE phase they were written with).
-    """
-
-    name: ClassVar[str] = "streaming_llm"
-    sinks: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
-
-    def score(self, ctx: KVContext) -> Tensor:
-        p = ctx.position.float()
-        return p.masked_fill(ctx.position < self.sinks, math.inf)
-
-
-@register
-@dataclass
-class SnapKV(KVMethod):
-    """SnapKV (Li et al., NeurIPS 2024): pooled attention from an observation window.
-
-    "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv:2404.14469.
-
-    With the last ``w = window`` queries of the prefill (the observation window, which holds
-    the question in query-aware use) and ``A = softmax(q_W Kᵀ/√d)``::
-
-        s_j   = Σ_{i ∈ W} A_ij                      (per query head)
-        s'_j  = (1/k) Σ_{|t| ≤ k//2} s_{j+t}         (1-D average pooling, kernel k = kernel)
-        score = mean over the query heads of each KV head of s'
-
-    The window's own entries are always kept. The pooling keeps neighbours of important tokens
-    together (the paper's "clustering").
-    """
-
-    name: ClassVar[str] = "snapkv"
-    needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
-    window: int = 64
-    kernel: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(
-                f"window must be >= 1 and kernel a positive odd number, got window="
-                f"{self.window}, kernel={self.kernel}"
-            )
-
-    def score(self, ctx: KVContext) -> Tensor:
-        a = ctx.attention(self.window)  # [B, H, w, L]
-        s = a.sum(2)
-        if self.kernel > 1:
-            b, h, l = s.shape
-            s = F.avg_pool1d(s.reshape(b * h, 1, l), self.kernel, 1, self.kernel // 2)
-            s = s.reshape(b, h, l)
-        s = ctx.group_mean(s)
-        _, q_index, q_valid = ctx.queries(self.window)
-        first = q_index.masked_fill(~q_valid, torch.iinfo(q_index.dtype).max).amin(1)
-        in_window = ctx.index >= first[:, None, None]
-        return s.masked_fill(in_window & ctx.valid[:, None, :], math.inf)
-
-
-@register
-@dataclass
-class H2O(KVMethod):
-    """H2O (Zhang et al., NeurIPS 2023): accumulated attention (heavy hitters) plus recent tokens.
-
-    "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
-    arXiv:2306.14048.
-
-    The score of an entry is the attention it has received, accumulated over every query so
-    far (across prefill chunks): ``S_j = Σ_i A_ij``, summed over the query heads of each KV
-    head. Of the ``k`` entries kept, the ``round(recent · k)`` most recent are kept whatever
-    their score (the paper splits the budget evenly); the rest are the heavy hitters.
-    Computing ``A`` needs every query of the prefill: an explicit ``QKᵀ`` at each layer.
-    """
-
-    name: ClassVar[str] = "h2o"
-    needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
-    stateful: ClassVar[bool] = True
-    recent: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.recent <= 1.0:
-            raise ValueError(f"recent must lie in [0, 1], got {self.recent}")
-
-    def update_stats(self, ctx: KVContext) -> dict[str, Tensor]:
-        b, _, l = ctx.index.shape
-        acc = ctx.attention_sum()
-        acc = acc.view(b, -1, ctx.groups, l).sum(2)  # [B, H_kv, L]
-        prev = ctx.stats.get(self.name)
-        if prev is not None:
-            acc = acc + prev
-        return {self.name: acc}
-
-    def score(self, ctx: KVContext) -> Tensor:
-        acc = ctx.stats.get(self.name)
-        if acc is None:
-            acc = self.update_stats(ctx)[self.name]
-        return acc
-
-    def must_keep(self, ctx: KVContext, keep: Tensor) -> Tensor | None:
-        if self.recent == 0.0:
-            return None
-        return ctx.recent(torch.round(keep.double() * self.recent).long())
-
-
-@register
-@dataclass
-class KNorm(KVMethod):
-    """Key norm (Devoto et al., EMNLP 2024): keep the keys with the smallest L2 norm.
-
-    "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression", arXiv:2406.11430.
-
-    Keys with a small L2 norm draw the most attention, so ``score_j = -||k_j||₂`` per KV head.
-    Needs no queries and no attention: the cheapest scorer.
-    """
-
-    name: ClassVar[str] = "knorm"
-
-    def score(self, ctx: KVContext) -> Tensor:
-        return -ctx.keys.float().norm(dim=-1)
-
-
-def position_hash(seed: int, layer: int, head: Tensor, position: Tensor) -> Tensor:
-    """Uniform pseudo-random numbers in [0, 1) from integers, identical on any batch.
-
-    A 32-bit integer hash (two rounds of multiply-xorshift) of
-    ``position ⊕ f(seed, layer, head)``, in int64 arithmetic that never overflows.
-    """
-    m = 0xFFFFFFFF
-    x = (position.long() * 0x9E3779B1 + head.long() * 0x85EBCA77) & m
-    x = x ^ ((seed * 0xC2B2AE3D + layer * 0x27D4EB2F + 0x165667B1) & m)
-    for _ in range(2):
-        x = ((x >> 16) ^ x) * 0x45D9F3B & m
-    x = (x >> 16) ^ x
-    return x.double() / float(m + 1)
-
-
-@register
-@dataclass
-class RandomKV(KVMethod):
-    """Random KV eviction: the baseline every scorer must beat (kvpress's RandomPress).
-
-    ``score_j = h(seed, layer, head, p_j)``: a hash of the entry's position in its own
-    sequence, so the choice is random but reproducible and independent of batch neighbours.
-    """
-
-    name: ClassVar[str] = "random_kv"
-    seed: int = 0
-
-    def score(self, ctx: KVContext) -> Tensor:
-        head = torch.arange(ctx.index.shape[1], device=ctx.index.device)[None, :, None]
-        return position_hash(self.seed, ctx.layer, head, ctx.position).float()
-
-
-KV_SCORERS: tuple[str, ...] = ("streaming_llm", "snapkv", "h2o", "knorm", "random_kv")

@@ -1,0 +1,116 @@
+"""KVzip: query-agnostic scores from the attention the model pays while repeating the context."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..base import register
+from .base import RECONSTRUCTION, KVContext, KVMethod
+
+#: the instruction of KVzip's reconstruction prompt
+REPEAT = "Repeat the previous context exactly."
+
+
+def kvzip_prompt(tokenizer: Any, instruction: str = REPEAT) -> tuple[int, ...]:
+    """Token ids of KVzip's reconstruction prompt for ``tokenizer``'s model.
+
+    The prompt closes the user turn the context was written in: ``"\\n\\n" + instruction``,
+    then, when the tokenizer has a chat template, what that template puts between a user
+    message and the assistant's answer (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``). The
+    assistant's "answer" is then the context itself, fed by the method.
+    """
+    text = "\n\n" + instruction
+    if getattr(tokenizer, "chat_template", None):
+        sep = "\x1fTOKENMERGE\x1f"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": sep}], add_generation_prompt=True, tokenize=False
+        )
+        text += rendered.split(sep, 1)[1]
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@register
+@dataclass
+class KVzip(KVMethod):
+    """KVzip (Kim et al., NeurIPS 2025): score each entry by how much the model needs it to
+    reconstruct the context.
+
+    "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
+    arXiv:2505.23416.
+
+    After the prefill of a context ``c`` (``n`` tokens), the model is fed the reconstruction
+    input ``x = prompt ⊕ c`` on the cached context. Split into chunks ``c_1 … c_m`` of
+    ``chunk`` tokens, chunk ``t`` is fed as ``prompt ⊕ c_t`` on a fork of the full cache, so
+    each forward costs ``O(chunk · n)`` attention and the extra memory stays bounded. With
+    ``A^{(t)} = softmax(q Kᵀ/√d)`` the attention of those queries over every cached entry and
+    their own causal prefix, the score of context entry ``j`` of KV head ``h`` is the most
+    attention it receives from any reconstruction query of any query head ``g`` of its group::
+
+        S_{h,j} = max_t max_{g ∈ G(h)} max_{i ∈ x_t} A^{(t)}_{g,i,j}
+
+    Entries are then kept by score under the layer's budget (per head; wrap in ``adakv`` for
+    head-adaptive budgets, close to the paper's non-uniform allocation). The scores do not
+    depend on any question, so one compressed cache serves every later query.
+
+    Cost: ``ceil(n / chunk)`` extra forwards over ``n + m·|prompt|`` tokens in all, each
+    attending to the whole context: about one more prefill, plus the explicit attention
+    rows at every layer (measured in ``docs/results/``).
+
+    Attributes:
+        prompt: token ids of the reconstruction prompt; build them with
+            :func:`kvzip_prompt` (the paper's "Repeat the previous context" in the model's
+            chat template). Empty: the context is fed again right after itself.
+        chunk: context tokens per reconstruction forward (the paper uses 2K).
+    """
+
+    name: ClassVar[str] = "kvzip"
+    needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
+    reconstructs: ClassVar[bool] = True
+    prompt: tuple[int, ...] = ()
+    chunk: int = 2048
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if any(t < 0 for t in self.prompt):
+            raise ValueError(f"prompt must hold token ids (>= 0), got {self.prompt}")
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` spans of the context fed per reconstruction forward."""
+        return [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+
+    def extra_forwards(self, n: int) -> int:
+        return math.ceil(n / self.chunk)
+
+    def reconstruction_score(self, ctx: KVContext, block: int = 256) -> Tensor:
+        """``[B, H_kv, L]``: the most attention each stored entry receives from the real
+        queries of this (reconstruction) forward, over query heads and queries; computed
+        ``block`` queries at a time."""
+        best = None
+        for s in range(0, ctx.n_new, block):
+            e = min(s + block, ctx.n_new)
+            q = ctx.query_fn(s, e)
+            a = torch.softmax(ctx._logits(q, ctx.query_index[:, s:e]).float(), dim=-1)
+            a = a.nan_to_num(0.0) * ctx.query_valid[:, None, s:e, None]
+            m = a.amax(2)
+            best = m if best is None else torch.maximum(best, m)
+        if best is None:
+            return ctx.keys.new_zeros(ctx.keys.shape[:3], dtype=torch.float32)
+        b, h, l = best.shape
+        return best.view(b, h // ctx.groups, ctx.groups, l).amax(2)
+
+    def score(self, ctx: KVContext) -> Tensor:
+        s = ctx.stats.get(RECONSTRUCTION)
+        if s is None:
+            raise RuntimeError(
+                "kvzip scores come from forwards after the prefill: run the prefill on a model "
+                "patched with tm.apply(model, kvzip), or compress a recorded prefill with "
+                "hf_decoder.compress(..., model=model, input_ids=ids)"
+            )
+        return s

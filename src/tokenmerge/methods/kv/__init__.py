@@ -15,15 +15,18 @@ kvpress and SnapKV) lets every KV head keep its own entries, with the same numbe
 
 Scorers (higher = keep):
 
-=================  ==============================================================  =========
-name               score of entry ``j``                                            needs
-=================  ==============================================================  =========
-``streaming_llm``  ``+inf`` for the first ``sinks`` tokens, else the position      nothing
-``snapkv``         pooled attention from the last ``window`` queries               queries
-``h2o``            attention accumulated over every query so far (+ recent half)   queries
-``knorm``          ``-||k_j||``                                                     keys
-``random_kv``      a hash of (seed, layer, head, position)                         nothing
-=================  ==============================================================  =========
+======================  ================================================================  =========
+name                    score of entry ``j``                                              needs
+======================  ================================================================  =========
+``streaming_llm``       ``+inf`` for the first ``sinks`` tokens, else the position        nothing
+``snapkv``              pooled attention from the last ``window`` queries                 queries
+``h2o``                 attention accumulated over every query so far (+ recent half)     queries
+``knorm``               ``-||k_j||``                                                      keys
+``random_kv``           a hash of (seed, layer, head, position)                           nothing
+``keydiff``             ``-cos(k_j, mean_i k_i/||k_i||)``                                 keys
+``expected_attention``  expected attention of future queries (Gaussian, RoPE-averaged)    queries
+``tova``                the current query's head-averaged attention, also while decoding  queries
+======================  ================================================================  =========
 
 Attention for scoring is computed explicitly (``softmax(q Kᵀ/√d)``) at the scored layer only,
 for the queries a scorer asks for; the model's own attention keeps its fused kernel. Kept keys
@@ -36,22 +39,37 @@ window and are left alone.
 """
 
 from .base import RECONSTRUCTION, KVContext, KVMethod, QueryFn, select_entries
+from .expected_attention import ExpectedAttention
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .knorm import KNorm
 from .random_kv import RandomKV, position_hash
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
+from .tova import TOVA
 
 #: the scorers in the benchmark's order (every registered KV method; a test checks)
-KV_SCORERS: tuple[str, ...] = ("streaming_llm", "snapkv", "h2o", "knorm", "random_kv")
+KV_SCORERS: tuple[str, ...] = (
+    "streaming_llm",
+    "snapkv",
+    "h2o",
+    "knorm",
+    "random_kv",
+    "keydiff",
+    "expected_attention",
+    "tova",
+)
 
 __all__ = [
     "H2O",
     "KV_SCORERS",
     "RECONSTRUCTION",
+    "TOVA",
+    "ExpectedAttention",
     "KNorm",
     "KVContext",
     "KVMethod",
+    "KeyDiff",
     "QueryFn",
     "RandomKV",
     "SnapKV",

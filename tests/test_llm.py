@@ -168,11 +168,14 @@ def test_padding_is_never_kept(name):
     for idx in cache.index.values():
         kept = set(idx[1][idx[1] >= 0].tolist())
         assert not kept & pads
-    # kept entries never outnumber the real tokens, and every head keeps as many
+    # kept entries never outnumber the real tokens, and every head keeps as many (unless
+    # the method shares a layer's budget across heads: then their total is as many)
     for i, idx in cache.index.items():
         counts = (idx >= 0).sum(-1)
+        if getattr(REGISTRY[name], "ragged", False):
+            counts = counts.sum(1, keepdim=True) / counts.shape[1]
         assert bool((counts == counts[:, :1]).all()), i
-        assert int(counts[1, 0]) <= 21
+        assert float(counts[1, 0]) <= 21
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,8 +343,10 @@ def test_compress_from_observed_contexts_equals_the_live_path(name):
         hd.observe(lambda c: ctxs.__setitem__(c.layer, c), evict=False),
     ):
         full = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
-    assert not full.reduced
-    after = hd.compress(hd.fork_cache(full), ctxs, method)
+        assert not full.reduced
+        # KVzip's forwards after the prefill need the (patched) model and the prefill's input
+        after = hd.compress(hd.fork_cache(full), ctxs, method, model=model, input_ids=ids,
+                            attention_mask=mask)  # fmt: skip
     for i in range(4):
         assert torch.equal(live.layers[i].keys, after.layers[i].keys)
         assert torch.equal(live.index[i], after.index[i])

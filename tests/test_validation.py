@@ -34,7 +34,7 @@ from tokenmerge.core.budget import (
     as_budget,
     parse_budget,
 )
-from tokenmerge.methods import REGISTRY
+from tokenmerge.methods import REGISTRY, get_method
 from tokenmerge.methods.base import BudgetLike
 from tokenmerge.methods.decoder import DecoderMethod
 from tokenmerge.methods.dtome import DToMe
@@ -83,6 +83,8 @@ def plain_types(obj) -> bool:
         )
     if isinstance(obj, (list, tuple)):
         return all(plain_types(x) for x in obj)
+    if isinstance(obj, dict):  # a wrapper's parameters for the method it wraps
+        return all(type(k) is str and plain_types(v) for k, v in obj.items())
     return obj is None or type(obj) in (int, float, bool, str)
 
 
@@ -352,7 +354,7 @@ def _kind(hint) -> str | None:
     if origin is typing.Literal:
         return "literal"
     if origin is tuple:
-        return "tuple"
+        return "seq" if len(args) == 2 and args[1] is Ellipsis else "tuple"
     return {int: "int", float: "float", bool: "bool", str: "str"}.get(hint)
 
 
@@ -389,7 +391,8 @@ def test_every_method_builds_with_defaults_and_examples():
 
 def test_every_field_has_a_checked_annotation():
     """A new method's fields are covered by the generic check: only the documented rich
-    unions (DToMe's thresholds, a KV ratio) are left to the method itself."""
+    unions (DToMe's thresholds, a KV ratio) and AdaKV's parameters for its scorer (checked
+    by building that scorer) are left to the method itself."""
     left = {
         (cls.__name__, f.name)
         for cls in REGISTRY.values()
@@ -397,7 +400,21 @@ def test_every_field_has_a_checked_annotation():
         if f.init and _kind(typing.get_type_hints(cls)[f.name]) is None
     }
     kv = {(c.__name__, "ratio") for c in REGISTRY.values() if issubclass(c, KVMethod)}
-    assert left == {("DToMe", "thresholds")} | kv
+    assert left == {("DToMe", "thresholds"), ("AdaKV", "scorer_params")} | kv
+    with pytest.raises(ValueError, match="window"):
+        get_method("adakv", ratio=0.5, scorer_params={"window": 0})
+    with pytest.raises(TypeError, match="window"):
+        get_method("adakv", ratio=0.5, scorer_params={"window": "4"})
+
+
+@pytest.mark.parametrize("cls, field, hint", _fields("seq"))
+def test_int_sequence_fields(cls, field, hint):
+    base = cls.example(4)
+    for bad, match in (("ab", "must be a tuple"), (5, "must be a tuple"), ((1, 2.0), r"\[1\]")):
+        with refused(match, f"{cls.__name__}.{field}"):
+            dataclasses.replace(base, **{field: bad})
+    built = dataclasses.replace(base, **{field: [np.int64(3), 4]})
+    assert getattr(built, field) == (3, 4) and plain_types(built)
 
 
 @pytest.mark.parametrize("cls, field, hint", _fields("int"))

@@ -35,8 +35,8 @@ class ReducedCache(DynamicCache):
         peak_bytes: the most bytes the cache has held at once (keys, values and indices).
         budgets: per layer, ``[B]`` entries a method that evicts while decoding (TOVA) holds
             the layer at.
-        ragged: some layer's heads hold different numbers of entries (AdaKV); attention
-            masks are then built per head.
+        ragged: the layers whose heads hold different numbers of entries (AdaKV); their
+            attention masks are built per head.
     """
 
     def __init__(self, config: Any = None) -> None:
@@ -47,7 +47,7 @@ class ReducedCache(DynamicCache):
         self.stats: dict[int, dict[str, Tensor]] = {}
         self.peak_bytes = 0
         self.budgets: dict[int, Tensor] = {}
-        self.ragged = False
+        self.ragged: set[int] = set()
         #: ``update`` calls so far (the runtime checks that every attention layer wrote here)
         self.writes = 0
         self._holes = False
@@ -203,6 +203,7 @@ def fork_cache(cache: DynamicCache) -> DynamicCache:
         new.index = dict(cache.index)
         new.stats = {i: dict(s) for i, s in cache.stats.items()}
         new.budgets = dict(cache.budgets)
+        new.ragged = set(cache.ragged)
     return new
 
 
@@ -228,7 +229,7 @@ def _evict(
     kept = ctx.index.gather(2, index)
     cache.index[i] = kept.masked_fill(~per_head, -1)
     if slot_valid.dim() == 3:
-        cache.ragged = True
+        cache.ragged.add(i)
     if holes is None:
         cache.note_valid(per_head.flatten(1))
     elif holes:

@@ -68,6 +68,7 @@ class _Forward:
     # methods that score after the prefill (KVzip): the layers waiting, and the prefill's input
     deferred: dict[int, KVContext] = field(default_factory=dict)
     inputs: tuple[Tensor | None, Tensor | None] | None = None  # (input_ids, inputs_embeds)
+    position_ids: Tensor | None = None  # the prefill's, when the caller passed them
 
     @property
     def hidden_reduced(self) -> bool:

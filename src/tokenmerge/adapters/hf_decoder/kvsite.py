@@ -38,6 +38,8 @@ class _KVSite:
 
     def _fail(self, run: _Forward, what: str) -> Exception: ...
 
+    def _release(self, run: _Forward) -> None: ...
+
     def _after_attention(self, i: int, attn: nn.Module, run: _Forward, kwargs: dict) -> None:
         cache = run.cache
         layer = cache.layers[i]
@@ -118,12 +120,13 @@ class _KVSite:
 
     def _context(self, i: int, attn: nn.Module, run: _Forward, kwargs: dict) -> KVContext:
         cache = run.cache
-        if cache.ragged:
-            raise self._fail(
-                run,
-                "this cache was compressed by a method whose heads keep different numbers of "
-                "entries (AdaKV); it cannot be scored or evicted again (chunked prefill, "
-                "decode eviction): use a one-shot prefill, or a method with per_head budgets",
+        if i in cache.ragged:
+            self._release(run)
+            raise ValueError(
+                f"layer {i} of this cache was compressed by a method whose heads keep different "
+                "numbers of entries (AdaKV); it cannot be scored or evicted again (chunked "
+                "prefill, decode eviction, observe): use a one-shot prefill, or a method with "
+                "equal per-head budgets"
             )
         layer = cache.layers[i]
         n_new = run.rep.shape[1]

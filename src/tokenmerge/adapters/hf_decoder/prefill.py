@@ -199,6 +199,7 @@ def compress(
     model: nn.Module | None = None,
     input_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
 ) -> ReducedCache:
     """Evict ``cache`` (in place) with ``method``, from contexts recorded by :func:`observe`.
 
@@ -208,7 +209,8 @@ def compress(
 
     A method that scores with forwards after the prefill (KVzip) also needs the ``model``
     (patched with any KV method) and the prefill's ``input_ids`` (and ``attention_mask`` for
-    left padding); those forwards run on forks, so ``cache`` only loses entries.
+    left padding, ``position_ids`` if the prefill was given them); those forwards run on
+    forks, so ``cache`` only loses entries.
     """
     scores = None
     if method.reconstructs:
@@ -223,7 +225,7 @@ def compress(
             if attention_mask is None
             else attention_mask.to(input_ids.device).bool()
         )
-        scores = reconstruction_scores(rt, cache, (input_ids, None), valid, method)
+        scores = reconstruction_scores(rt, cache, (input_ids, None), valid, method, position_ids)
     depth = len(cache.layers)
     for i, ctx in contexts.items():
         if cache.stored(i) != ctx.length:

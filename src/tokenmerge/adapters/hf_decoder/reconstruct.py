@@ -30,6 +30,7 @@ def reconstruction_scores(
     inputs: tuple[Tensor | None, Tensor | None],
     input_valid: Tensor,
     method: KVMethod,
+    position_ids: Tensor | None = None,
 ) -> dict[int, Tensor]:
     """``{layer: [B, H_kv, n]}``: the most attention each of the ``n`` context entries
     receives from the reconstruction forwards of ``method`` (``method.reconstruction_score``).
@@ -39,7 +40,15 @@ def reconstruction_scores(
         cache: the prefill's full cache (left untouched: every forward runs on a fork).
         inputs: the prefill's ``(input_ids, inputs_embeds)``, one of them set, ``[B, n, ...]``.
         input_valid: ``[B, n]`` which context tokens are real.
+        position_ids: ``[B, n]`` the prefill's positions, if the caller passed them (else
+            the model numbered the tokens ``0..n-1``).
+
+    The real tokens of each forward continue right after the last real position of the
+    context, and a chunk's padding (left padding, in the first chunk) is moved to its end,
+    so that a left-padded sample sees the same positions and sliding windows as when it runs
+    alone.
     """
+    method = method.scoring  # a wrapper (adakv) selects by its scorer's reconstruction
     ids, emb = inputs
     embed = rt.inner.get_input_embeddings()
     x = emb if emb is not None else embed(ids)
@@ -48,6 +57,11 @@ def reconstruction_scores(
     prompt = torch.tensor(method.prompt, dtype=torch.long, device=device)
     p_emb = embed(prompt)[None].expand(b, -1, -1).to(x.dtype) if prompt.numel() else x[:, :0]
     past = cache.orig_valid if cache.orig_valid is not None else input_valid
+    if position_ids is None:
+        nxt = torch.full((b,), n, dtype=torch.long, device=device)
+    else:
+        pos = position_ids.to(device).expand(b, n).masked_fill(~input_valid, -1)
+        nxt = pos.amax(1) + 1
     scores: dict[int, Tensor] = {}
 
     def collect(ctx: KVContext) -> None:
@@ -65,14 +79,20 @@ def reconstruction_scores(
     ones = torch.ones(b, prompt.numel(), dtype=torch.long, device=device)
     try:
         for s, e in method.chunks(n):
-            inp = torch.cat([p_emb, x[:, s:e]], 1)
-            mask = torch.cat([past.long(), ones, input_valid[:, s:e].long()], 1)
+            real = input_valid[:, s:e]
+            perm = (~real).long().argsort(dim=1, stable=True)  # real tokens first, padding last
+            part = x[:, s:e].gather(1, perm[..., None].expand(-1, -1, x.shape[-1]))
+            inp = torch.cat([p_emb, part], 1)
+            new = torch.cat([ones.bool(), real.gather(1, perm)], 1)
+            mask = torch.cat([past.long(), new.long()], 1)
+            pos = (nxt[:, None] + new.long().cumsum(1) - 1).clamp_min(0)
             plan_token = _PLAN.set(_Plan(evict=False, track=False))
             obs_token = _OBSERVER.set(collect)
             try:
                 rt.inner(
                     inputs_embeds=inp,
                     attention_mask=mask,
+                    position_ids=pos,
                     use_cache=True,
                     **{rt.model_sig.cache: fork_cache(cache)},
                 )
@@ -104,7 +124,9 @@ def score_by_reconstruction(rt: _Runtime, run: _Forward) -> None:
     """The deferred eviction of a prefill: score by reconstruction, then evict every layer."""
     kv = rt.kv
     assert kv is not None and run.inputs is not None and run.plan is not None
-    scores = reconstruction_scores(rt, run.cache, run.inputs, run.input_valid, kv)
+    scores = reconstruction_scores(
+        rt, run.cache, run.inputs, run.input_valid, kv, position_ids=run.position_ids
+    )
     for i, ctx in run.deferred.items():
         rt._evict_layer(i, with_scores(ctx, scores.get(i, _recency(ctx))), run, run.plan)
     run.deferred.clear()

@@ -281,6 +281,7 @@ class _Runtime(_KVSite):
             run.writes = run.writes0 = cache.writes
         if run.evicts and kv.reconstructs and plan.caps is None:
             run.inputs = (ids, emb)  # the context its forwards after the prefill repeat
+            run.position_ids = kwargs.get("position_ids")
         dec = self.decoder
         if dec is not None and fresh and not dec.is_identity:
             run.schedule = dict(dec.schedule(self.depth))
@@ -414,7 +415,7 @@ class _Runtime(_KVSite):
             past = cache.layer_index(i, seen=run.seen)
             if past is not None:
                 # one mask for all heads, or one per head when they hold different entries
-                p = past if cache.ragged else past[:, :1]
+                p = past if i in cache.ragged else past[:, :1]
                 heads = p.shape[1]
                 k_idx = torch.cat([p, q_idx.expand(-1, heads, -1)], 2)
                 k_ok = torch.cat([cache.valid_of(p), q_ok.expand(-1, heads, -1)], 2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -132,25 +132,64 @@ class KVContext:
             self._memo[key] = a * qv[:, None, :, None]
         return self._memo[key]
 
-    def attention_sum(self, block: int = 256) -> Tensor:
+    def attention_blocks(
+        self, block: int = 256, stride: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The attention of the queries of the current forward, ``block`` queries at a time.
+
+        Yields ``(real, a)`` with ``a [B, H_kv, groups, m, L']``: the probabilities of ``m``
+        queries over the first ``L'`` stored entries, the rest of which lie in the future of
+        every query of the block (causal blocks are skipped, not computed and masked), and
+        ``real [B, m]``, which of those queries are real tokens (rows of padding queries are
+        garbage: weight them by ``real``). ``stride > 1`` takes every ``stride``-th query
+        only, counted from the last query back (so left padding does not move the sample).
+        Grouped-query attention is computed per KV head, without repeating the keys.
+        """
+        if self.query_fn is None:
+            raise RuntimeError("the queries of this forward are not available")
+        b, hk, l, d = self.keys.shape
+        g = self.groups
+        old = l - self.n_new  # entries stored before this forward; the new ones follow in order
+        neg = torch.finfo(torch.float32).min  # finite: fully masked rows stay NaN-free
+        holes = not bool(self.valid.all())
+        k_index = self.index[:, 0]  # [B, L]
+        first = (self.n_new - 1) % stride if self.n_new else 0
+        for s in range(first, self.n_new, block * stride):
+            e = min(s + block * stride, self.n_new)
+            q = self.query_fn(s, e)[:, :, ::stride].float() * self.scale
+            q_idx = self.query_index[:, s:e:stride]
+            m, vis = q.shape[2], old + e
+            q = q.reshape(b, hk, g * m, d)
+            logits = q @ self.keys[:, :, :vis].float().transpose(-2, -1)
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = logits.view(b, hk, g, m, vis)
+            if holes:  # padding and empty slots
+                logits.masked_fill_(~self.valid[:, None, None, None, :vis], neg)
+            # the block's own new entries: causal by original index
+            diag = logits[..., old + s : vis]
+            future = k_index[:, None, old + s : vis] > q_idx[:, :, None]  # [B, m, e - s]
+            diag.masked_fill_(future[:, None, None], neg)
+            yield self.query_valid[:, s:e:stride], torch.softmax(logits, dim=-1)
+
+    def attention_sum(self, block: int = 256, stride: int = 1) -> Tensor:
         """``[B, H, L]``: attention received by each entry, summed over every real query of
-        the current forward (computed in blocks of ``block`` queries to bound memory)."""
-        key = ("attn_sum",)
+        the current forward (every ``stride``-th one), by :meth:`attention_blocks`: blocks
+        of ``block`` queries, causal blocks skipped, so its cost is about one ``QKᵀ`` of the
+        fused attention (divided by ``stride``)."""
+        key = ("attn_sum", stride)
         if key not in self._memo:
-            if self.query_fn is None:
-                raise RuntimeError("the queries of this forward are not available")
-            total = None
-            for s in range(0, self.n_new, block):
-                e = min(s + block, self.n_new)
-                q = self.query_fn(s, e)
-                a = torch.softmax(self._logits(q, self.query_index[:, s:e]).float(), dim=-1)
-                a = a.nan_to_num(0.0) * self.query_valid[:, None, s:e, None]
-                part = a.sum(2)
-                total = part if total is None else total + part
-            if total is None:  # no new tokens
-                b, h = self.keys.shape[0], self.keys.shape[1] * self.groups
-                total = self.keys.new_zeros(b, h, self.length, dtype=torch.float32)
-            self._memo[key] = total
+            b, hk, l, _ = self.keys.shape
+            total = self.keys.new_zeros(b, hk, self.groups, l, dtype=torch.float32)
+            all_real = bool(self.query_valid.all())
+            for real, a in self.attention_blocks(block, stride):
+                if all_real:
+                    part = a.sum(3)
+                else:  # padding queries weigh 0: one matmul instead of a mask pass
+                    w = real[:, None, None, None, :].to(a.dtype)
+                    part = (w @ a).squeeze(3)
+                total[..., : a.shape[-1]] += part
+            self._memo[key] = total.view(b, hk * self.groups, l)
         return self._memo[key]
 
     def group_mean(self, x: Tensor) -> Tensor:
@@ -293,6 +332,11 @@ class KVMethod(Method):
 
             return pyramid_ratios(float(self.ratio), depth, self.pyramid_beta)[layer]
         return float(self.ratio)
+
+    @property
+    def scoring(self) -> KVMethod:
+        """The method whose scores select the entries: itself, or a wrapper's scorer."""
+        return self
 
     def extra_forwards(self, n: int) -> int:
         """Forwards beyond the prefill that scoring a context of ``n`` tokens costs."""

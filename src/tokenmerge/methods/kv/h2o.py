@@ -24,22 +24,35 @@ class H2O(KVMethod):
     far (across prefill chunks): ``S_j = Σ_i A_ij``, summed over the query heads of each KV
     head. Of the ``k`` entries kept, the ``round(recent · k)`` most recent are kept whatever
     their score (the paper splits the budget evenly); the rest are the heavy hitters.
-    Computing ``A`` needs every query of the prefill: an explicit ``QKᵀ`` at each layer.
+    Computing ``A`` needs every query of the prefill: an explicit ``QKᵀ`` at each layer,
+    computed in query blocks next to the model's fused attention, skipping the blocks in the
+    causal future (:meth:`~tokenmerge.methods.kv.base.KVContext.attention_sum`).
+
+    ``stride = s > 1`` is a cheaper estimate, not in the paper: ``S_j ≈ Σ_{i ∈ Q_s} A_ij``
+    over every ``s``-th query counted back from the last one, which divides the scoring cost
+    by about ``s``. The recent half, which few sampled queries see, is kept regardless.
+
+    Attributes:
+        recent: fraction of the kept entries reserved for the most recent tokens.
+        stride: score with every ``stride``-th query (1: every query, the paper's H2O).
     """
 
     name: ClassVar[str] = "h2o"
     needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
     stateful: ClassVar[bool] = True
     recent: float = 0.5
+    stride: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.recent <= 1.0:
             raise ValueError(f"recent must lie in [0, 1], got {self.recent}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
 
     def update_stats(self, ctx: KVContext) -> dict[str, Tensor]:
         b, _, l = ctx.index.shape
-        acc = ctx.attention_sum()
+        acc = ctx.attention_sum(stride=self.stride)
         acc = acc.view(b, -1, ctx.groups, l).sum(2)  # [B, H_kv, L]
         prev = ctx.stats.get(self.name)
         if prev is not None:

@@ -82,28 +82,26 @@ class KVzip(KVMethod):
             raise ValueError(f"prompt must hold token ids (>= 0), got {self.prompt}")
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
-        """The ``[start, stop)`` spans of the context fed per reconstruction forward."""
-        return [(s, min(s + self.chunk, n)) for s in range(0, n, self.chunk)]
+        """The ``[start, stop)`` spans of the context fed per reconstruction forward; aligned
+        to its end (the first may be short), so that a left-padded sample is split at the
+        same tokens as when it runs alone."""
+        first = n - (n - 1) // self.chunk * self.chunk if n else 0
+        return [(max(e - self.chunk, 0), e) for e in range(first, n + 1, self.chunk)] if n else []
 
     def extra_forwards(self, n: int) -> int:
         return math.ceil(n / self.chunk)
 
     def reconstruction_score(self, ctx: KVContext, block: int = 256) -> Tensor:
         """``[B, H_kv, L]``: the most attention each stored entry receives from the real
-        queries of this (reconstruction) forward, over query heads and queries; computed
-        ``block`` queries at a time."""
-        best = None
-        for s in range(0, ctx.n_new, block):
-            e = min(s + block, ctx.n_new)
-            q = ctx.query_fn(s, e)
-            a = torch.softmax(ctx._logits(q, ctx.query_index[:, s:e]).float(), dim=-1)
-            a = a.nan_to_num(0.0) * ctx.query_valid[:, None, s:e, None]
-            m = a.amax(2)
-            best = m if best is None else torch.maximum(best, m)
-        if best is None:
-            return ctx.keys.new_zeros(ctx.keys.shape[:3], dtype=torch.float32)
-        b, h, l = best.shape
-        return best.view(b, h // ctx.groups, ctx.groups, l).amax(2)
+        queries of this (reconstruction) forward, over query heads and queries
+        (:meth:`KVContext.attention_blocks`, ``block`` queries at a time)."""
+        b, hk, l, _ = ctx.keys.shape
+        best = ctx.keys.new_zeros(b, hk, l, dtype=torch.float32)
+        for real, a in ctx.attention_blocks(block):
+            a = a * real[:, None, None, :, None]  # padding queries weigh 0
+            seen = best[..., : a.shape[-1]]
+            torch.maximum(seen, a.amax(dim=(2, 3)), out=seen)
+        return best
 
     def score(self, ctx: KVContext) -> Tensor:
         s = ctx.stats.get(RECONSTRUCTION)

@@ -12,6 +12,8 @@ a tuple with one value per layer. Each sample keeps ``round(n_b (1 - ratio))`` o
 real entries, so padding never counts and never survives. ``per_head=True`` (the default, as in
 kvpress and SnapKV) lets every KV head keep its own entries, with the same number per head;
 ``False`` averages the scores over heads and keeps one set for all of them.
+``layer_budget="pyramid"`` spreads the same total over the layers in PyramidKV's shape
+(:mod:`.pyramid`), for any scorer.
 
 Scorers (higher = keep):
 
@@ -26,10 +28,16 @@ name                    score of entry ``j``                                    
 ``keydiff``             ``-cos(k_j, mean_i k_i/||k_i||)``                                 keys
 ``expected_attention``  expected attention of future queries (Gaussian, RoPE-averaged)    queries
 ``tova``                the current query's head-averaged attention, also while decoding  queries
+``kvzip``               most attention received while the model repeats the context       extra
+                        (forwards after the prefill)                                      forwards
 ======================  ================================================================  =========
 
+Wrapper: ``adakv`` shares each layer's budget across its heads by a global top-k over any
+scorer's scores (heads keep different numbers of entries; attention masks the rest per head).
+
 Attention for scoring is computed explicitly (``softmax(q Kᵀ/√d)``) at the scored layer only,
-for the queries a scorer asks for; the model's own attention keeps its fused kernel. Kept keys
+for the queries a scorer asks for, in query blocks that skip the causal future
+(:meth:`KVContext.attention_blocks`); the model's own attention keeps its fused kernel. Kept keys
 keep the RoPE phase of their original position (no re-rotation), and later tokens continue at
 their original positions.
 
@@ -38,11 +46,13 @@ hold the whole prefill; when the prefill is longer than the window they already 
 window and are left alone.
 """
 
+from .adakv import AdaKV
 from .base import RECONSTRUCTION, KVContext, KVMethod, QueryFn, select_entries
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KNorm
+from .kvzip import KVzip, kvzip_prompt
 from .random_kv import RandomKV, position_hash
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
@@ -58,6 +68,8 @@ KV_SCORERS: tuple[str, ...] = (
     "keydiff",
     "expected_attention",
     "tova",
+    "kvzip",
+    "adakv",
 )
 
 __all__ = [
@@ -65,15 +77,18 @@ __all__ = [
     "KV_SCORERS",
     "RECONSTRUCTION",
     "TOVA",
+    "AdaKV",
     "ExpectedAttention",
     "KNorm",
     "KVContext",
     "KVMethod",
+    "KVzip",
     "KeyDiff",
     "QueryFn",
     "RandomKV",
     "SnapKV",
     "StreamingLLM",
+    "kvzip_prompt",
     "position_hash",
     "select_entries",
 ]

@@ -332,3 +332,25 @@ def test_h2o_stride_reference():
                     if ctx.valid[b, i]
                 )
                 assert abs(float(stats[b, hk, j]) - want) < 1e-5
+
+
+@torch.no_grad()
+def test_decode_eviction_budgets_from_compress_per_layer_ratios_and_min_tokens():
+    """TOVA holds each layer at its prefill budget while decoding: also after compress(), not
+    for a layer whose ratio is 0, and not for a sample shorter than min_tokens."""
+    model = tiny("llama")
+    ids, mask, _ = batch((40, 20))
+    tova = get_method("tova", ratio=(0.0, 0.5, 0.5, 0.5), min_tokens=30)
+    ctxs = {}
+    with tm.patched(model, tova):
+        with hd.observe(lambda c: ctxs.__setitem__(c.layer, c), evict=False):
+            full = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
+        cache = hd.compress(hd.fork_cache(full), ctxs, tova)
+        assert sorted(cache.budgets) == [1, 2, 3]
+        m = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        for _ in range(3):
+            model(torch.tensor([[5], [6]]), attention_mask=m, **hd.cache_kw(model, cache))
+            m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+    real = [(idx >= 0).sum(-1)[:, 0].tolist() for idx in cache.index.values()]
+    assert real == [[20, 20 + 3]] * 3  # sample 0 held at 20; sample 1 (20 < 30) grows
+    assert cache.stored(0) == 43  # the layer with ratio 0 stays whole

@@ -23,9 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from ...methods.kv import KVContext, KVMethod
-from .cache import _evict
+from .cache import ReducedCache, _evict
 from .forward import _OBSERVER, _Forward, _Plan
 from .ops import _project, _project_raw
+
+
+def hold_budget(
+    cache: ReducedCache, kv: KVMethod, i: int, counts: Tensor, keep: Tensor, depth: int
+) -> None:
+    """Record the budget later forwards hold layer ``i`` at, for a method that evicts while
+    decoding (TOVA): the prefill's ``keep``, except for layers whose ratio is 0 and samples
+    shorter than ``min_tokens``, which stay whole."""
+    if not kv.decode_evict or kv.ratio_at(i, depth) == 0.0:
+        return
+    whole = torch.full_like(keep, torch.iinfo(keep.dtype).max)
+    cache.budgets[i] = torch.where(counts < kv.min_tokens, whole, keep)
 
 
 class _KVSite:
@@ -87,19 +99,17 @@ class _KVSite:
         """Evict layer ``i`` to its budget with the patched method (and check it did)."""
         kv, cache = self.kv, run.cache
         counts = ctx.counts
-        if plan.caps is not None:
+        if plan.caps is not None:  # chunked prefill, or a decoding step held at its budget
             keep = torch.minimum(plan.caps[i].to(counts.device), counts)
         else:
             keep = kv.keep(counts, i, self.depth)
-        keep = torch.where(counts < kv.min_tokens, counts, keep)
+            hold_budget(cache, kv, i, counts, keep, self.depth)
         if not keep.numel():
             return
         # one host read: whether anything is removed, and whether every sample keeps as many
         # (then no slot is left empty)
         flags = torch.stack([(keep >= counts).all(), (keep == keep.max()).all()])
         done, uniform = flags.tolist()
-        if kv.decode_evict:
-            cache.budgets[i] = keep  # later forwards hold the layer at this size
         if done:
             return
         n = ctx.length

@@ -18,6 +18,7 @@ from .adapter import ATTR, _inner
 from .cache import ReducedCache, _evict
 from .compat import cache_arg
 from .forward import _OBSERVER, _PLAN, _Plan
+from .kvsite import hold_budget
 from .reconstruct import _recency, reconstruction_scores, with_scores
 
 
@@ -237,6 +238,7 @@ def compress(
             ctx = with_scores(copy.copy(ctx), scores.get(i, _recency(ctx)))
         counts = ctx.counts
         keep = method.keep(counts, i, depth)
+        hold_budget(cache, method, i, counts, keep, depth)
         if bool((keep >= counts).all()):
             continue
         index, slot_valid = method.select(ctx, keep)

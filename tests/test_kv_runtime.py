@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import tokenmerge as tm
-from tests.test_llm import _context, _ref_attention, batch, tiny
+from tests.test_llm import _context, batch, tiny
 from tokenmerge.adapters import hf_decoder as hd
 from tokenmerge.adapters.hf_decoder.reconstruct import reconstruction_scores
 from tokenmerge.methods import get_method
@@ -274,7 +274,7 @@ def test_adakv_gives_heads_unequal_budgets_with_the_layer_total():
 
 
 # --------------------------------------------------------------------------------------------
-# PyramidKV budgets, blocked attention, H2O with a query stride
+# PyramidKV budgets, blocked attention (H2O's stride: test_llm.py), decode eviction
 # --------------------------------------------------------------------------------------------
 
 
@@ -315,23 +315,6 @@ def test_blocked_attention_sum_matches_one_block():
     one = ctx.attention_sum(block=256)
     ctx._memo.clear()
     assert torch.allclose(ctx.attention_sum(block=5), one, atol=1e-6)
-
-
-def test_h2o_stride_reference():
-    ctx, q = _context()
-    stride, n = 3, ctx.length
-    stats = get_method("h2o", ratio=0.5, stride=stride).update_stats(ctx)["h2o"]
-    sampled = [i for i in range(n) if (n - 1 - i) % stride == 0]
-    for b in range(2):
-        for hk in range(2):
-            for j in range(n):
-                want = sum(
-                    _ref_attention(ctx, q, b, h, i)[j]
-                    for h in range(hk * ctx.groups, (hk + 1) * ctx.groups)
-                    for i in sampled
-                    if ctx.valid[b, i]
-                )
-                assert abs(float(stats[b, hk, j]) - want) < 1e-5
 
 
 @torch.no_grad()

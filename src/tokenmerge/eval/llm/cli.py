@@ -1,0 +1,125 @@
+"""``tokenmerge bench --model smollm2-135m``: arguments -> :class:`LLMBenchConfig` -> files."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from ...methods import REGISTRY
+from ...methods.kv import KV_SCORERS
+from .runner import TASKS, LLMBenchConfig, planned_steps
+
+#: ``--quick``: a CI smoke test (every KV method, 2 trials of 512 tokens, one timing pair)
+QUICK: dict[str, Any] = {
+    "n": 2,
+    "budgets": "2,8",
+    "methods": ",".join(KV_SCORERS) + ",fastv",
+    "timing_runs": 1,
+    "lengths": (512,),
+    "memory_lengths": (256, 512),
+    "speed_length": 512,
+    "continuation": 64,
+    "decode_tokens": 16,
+    "ppl_check": 1,
+}
+#: ``--param bench.NAME=VALUE`` settings (lists are separated by ``/``: lengths=1024/2048)
+SETTINGS = (
+    "lengths", "memory_lengths", "chunk", "window", "continuation", "speed_length",
+    "decode_tokens", "chunked", "memory_budget", "ppl_check", "max_new_tokens",
+)  # fmt: skip
+
+
+def _ints(v: Any) -> tuple[int, ...]:
+    return v if isinstance(v, tuple) else tuple(int(x) for x in str(v).split("/"))
+
+
+def config(args: argparse.Namespace) -> LLMBenchConfig:
+    """The run's configuration from the CLI arguments."""
+    from ...cli.main import parse_params
+
+    if getattr(args, "batch_size", None):
+        raise SystemExit("--batch-size does not apply to the LLM bench (one sequence at a time)")
+    params = parse_params(args.param or [])
+    bench = params.pop("bench", {})
+    if args.quick:
+        for k in ("n", "budgets", "methods", "timing_runs"):
+            if getattr(args, k, None) is None:
+                setattr(args, k, QUICK[k])
+        for k in ("lengths", "memory_lengths", "speed_length", "continuation", "decode_tokens",
+                  "ppl_check"):  # fmt: skip
+            bench.setdefault(k, QUICK[k])
+    methods = [m.strip() for m in (args.methods or ",".join(LLMBenchConfig.methods)).split(",")]
+    for m in methods:
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
+    try:
+        factors = [float(b.strip().rstrip("x")) for b in (args.budgets or "2,4,8").split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--budgets for LLMs are compression factors like 2,4,8; got {args.budgets!r}"
+        ) from None
+    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    if set(bench) - set(SETTINGS):
+        raise SystemExit(f"unknown bench.* settings {sorted(set(bench) - set(SETTINGS))}; "
+                         f"known: {sorted(SETTINGS)}")  # fmt: skip
+    d = LLMBenchConfig()
+    get = lambda k, cast: cast(bench.get(k, getattr(d, k)))  # noqa: E731
+    return LLMBenchConfig(
+        model=args.model,
+        methods=methods,
+        factors=factors,
+        method_params=params,
+        corpora=tuple(c.strip() for c in args.dataset.split(",")) if args.dataset else d.corpora,
+        lengths=get("lengths", _ints),
+        trials=args.n or d.trials,
+        continuation=get("continuation", int),
+        max_new_tokens=get("max_new_tokens", int),
+        ppl_check=get("ppl_check", int),
+        chunk=get("chunk", int),
+        window=get("window", int),
+        chunked=get("chunked", bool),
+        memory_lengths=get("memory_lengths", _ints),
+        memory_budget=get("memory_budget", int),
+        speed_length=get("speed_length", int),
+        decode_tokens=get("decode_tokens", int),
+        timing_runs=args.timing_runs or d.timing_runs,
+        seed=args.seed,
+        tasks=tasks,
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``tokenmerge bench`` for decoder LLMs (called by the CLI)."""
+    from tqdm import tqdm
+
+    from .bench import run
+
+    cfg = config(args)
+    with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
+        result = run(cfg, bar.update)
+    return write(args, cfg, result)
+
+
+def write(args: argparse.Namespace, cfg: LLMBenchConfig, result: dict[str, Any]) -> int:
+    """``<out>/<name>.json`` and ``.md``."""
+    from .. import report
+    from .report import markdown
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model)
+    meta = report.provenance(cfg.seed)
+    meta["config"] = {
+        k: (list(v) if isinstance(v, (tuple, frozenset)) else v)
+        for k, v in vars(cfg).items()
+        if k not in ("method_params",)
+    } | {"method_params": result["method_params"], "tasks": sorted(cfg.tasks)}
+    for k in ("base", "check", "memory", "trials", "speed_context"):
+        meta[k] = result[k]
+    report.write_json(out / f"{stem}.json", meta, result["rows"])
+    (out / f"{stem}.md").write_text(markdown(cfg, result, meta))
+    print(f"wrote {out / stem}.json, .md")
+    return 0

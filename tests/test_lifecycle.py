@@ -266,3 +266,25 @@ def test_reduction_of_an_empty_batch_has_the_scheduled_width():
     red = _empty_reduction(10, 6, torch.device("cpu"))
     y, s = red.apply(torch.zeros(0, 10, 3))
     assert y.shape == (0, 6, 3) and s.shape == (0, 6) and isinstance(red, Reduction)
+
+
+@torch.no_grad()
+def test_removal_drops_the_last_forwards_state():
+    """A context keeps a ContextVar's value as long as it lives: after tm.remove, no patch may
+    still hold its last forward (a decoder's KV cache, a block patch's token state)."""
+    import gc
+    import weakref
+
+    from tests.test_llm import batch, tiny
+    from tokenmerge.adapters import hf_decoder as hd
+
+    model = tiny("llama")
+    ids, mask, _ = batch((40, 29))
+    with tm.patched(model, tm.get_method("knorm", ratio=0.5)):
+        cache = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
+        rt = hd.runtime_of(model)
+        assert rt.last is not None and rt.last.cache is cache  # inspectable while patched
+    ref = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert ref() is None and rt.last is None

@@ -64,7 +64,7 @@ def remove(model: nn.Module) -> nn.Module:
     patch = getattr(model, ATTR, None)
     if patch is None:
         raise ValueError(f"{type(model).__name__} is not patched by tokenmerge")
-    patch.remove()
+    patch.release()
     return model
 
 

@@ -50,6 +50,11 @@ class ContextSlot:
             self._var.set(self._traced)
         return self._var.get()
 
+    def clear(self) -> None:
+        """Drop the stored value: a context keeps a ContextVar's value (here, a whole forward's
+        state and its cache) for as long as the context lives, after the patch is gone."""
+        self.set(None)
+
     def set(self, value: Any) -> None:
         self._traced = value
         if torch.compiler.is_compiling():

@@ -77,6 +77,8 @@ class Patch:
         self._call = ContextSlot(f"tokenmerge_call_{id(self)}")  # the entry call in progress
         self._grid = ContextSlot(f"tokenmerge_grid_{id(self)}")  # (h, w) from the patch embedding
         self._cap = ContextSlot(f"tokenmerge_cap_{id(self)}")  # q/k captured in the attention call
+        #: per-forward state cleared by :meth:`release` (attachments add their own)
+        self.slots: list[ContextSlot] = [self._run, self._call, self._grid, self._cap]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
         self._attachments: tuple[list, list] | None = None
@@ -142,6 +144,14 @@ class Patch:
             else:
                 delattr(obj, attr)
         self._saved.clear()
+
+    def release(self) -> None:
+        """:meth:`remove` for good (``tm.remove``): also drop the per-forward state this
+        context holds, which would otherwise keep the last forward's tensors (a decoder's whole
+        KV cache) alive for every patch ever applied in it."""
+        self.remove()
+        for slot in self.slots:
+            slot.clear()
 
     def _override(self, obj: object, attr: str, value: Any) -> None:
         had = attr in vars(obj)

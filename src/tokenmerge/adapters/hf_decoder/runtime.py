@@ -78,6 +78,7 @@ class _Runtime(_KVSite):
         elif isinstance(method, DecoderMethod):
             method.schedule(self.depth)  # validates the layers
         self.method = method
+        patch.slots += [self._fwd, self._last, self._outer]  # cleared by tm.remove
         return self
 
     @property

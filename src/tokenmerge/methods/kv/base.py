@@ -85,29 +85,28 @@ class KVContext:
         """``[B]`` real entries per sample."""
         return self.valid.sum(1)
 
+    def _last_queries(self, fn: QueryFn | None, kind: str, n: int) -> Tensor:
+        """``fn`` over the last ``n`` tokens of the current forward, computed once."""
+        if fn is None:
+            raise RuntimeError("this cache was not written by a forward whose queries are known")
+        n = min(n, self.n_new)
+        key = (kind, n)
+        if key not in self._memo:
+            self._memo[key] = fn(self.n_new - n, self.n_new)
+        return self._memo[key]
+
     def queries(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Post-RoPE queries of the last ``n`` tokens of the current forward.
 
         Returns ``q [B, H, n, d]``, their original index ``[B, n]`` and validity ``[B, n]``.
         """
-        if self.query_fn is None:
-            raise RuntimeError("this cache was not written by a forward whose queries are known")
-        n = min(n, self.n_new)
-        key = ("q", n)
-        if key not in self._memo:
-            self._memo[key] = self.query_fn(self.n_new - n, self.n_new)
-        sl = slice(self.n_new - n, self.n_new)
-        return self._memo[key], self.query_index[:, sl], self.query_valid[:, sl]
+        q = self._last_queries(self.query_fn, "q", n)
+        sl = slice(self.n_new - q.shape[2], self.n_new)
+        return q, self.query_index[:, sl], self.query_valid[:, sl]
 
     def raw_queries(self, n: int) -> Tensor:
         """Pre-RoPE queries ``[B, H, n, d]`` of the last ``n`` tokens of the current forward."""
-        if self.raw_query_fn is None:
-            raise RuntimeError("this cache was not written by a forward whose queries are known")
-        n = min(n, self.n_new)
-        key = ("raw_q", n)
-        if key not in self._memo:
-            self._memo[key] = self.raw_query_fn(self.n_new - n, self.n_new)
-        return self._memo[key]
+        return self._last_queries(self.raw_query_fn, "raw_q", n)
 
     def _logits(self, q: Tensor, q_index: Tensor) -> Tensor:
         """Masked attention logits ``[B, H, m, L]`` of queries ``q`` over every stored entry."""

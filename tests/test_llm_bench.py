@@ -165,6 +165,39 @@ def test_perplexity_check_agrees_with_the_bench_on_a_tiny_model(tok, synthetic_c
 
 
 @torch.no_grad()
+def test_workers_give_the_single_process_result(tok, synthetic_corpora, monkeypatch):
+    """Trials shared by forked workers are merged back in trial order: the same answers,
+    NLLs, sizes and checks as one process (up to the rounding of other thread counts)."""
+    model = tiny_lm(len(tok))
+    methods = ("snapkv", "kvzip", "tova")
+    cfg = L.bench.with_prompts(_cfg(methods=methods, factors=(2.0,), trials=3), tok)
+    trials = L.make_trials(tok, cfg.lengths, cfg.trials, cfg.corpora, cfg.continuation)
+    ticks: list[int] = []
+    one = L.Runner(cfg, model, tok, ticks.append)
+    for i, t in enumerate(trials):
+        one.trial(t, check=i == 1)
+    two = L.Runner(cfg, model, tok, ticks.append)
+    L.run_trials(two, trials, {1}, workers=2)
+    assert sum(ticks) == 2 * sum(ticks[: len(ticks) // 2])  # every step reported once
+    assert list(one.accs) != [] and sorted(one.accs) == sorted(two.accs)
+    for a, b in [(one.base, two.base)] + [(one.accs[k], two.accs[k]) for k in one.accs]:
+        assert len(a.agnostic) == 3
+        for f in ("agnostic", "aware", "lengths", "answers", "tokens", "tokens_aware"):
+            assert getattr(a, f) == getattr(b, f), f
+        for f in ("nll", "nll_aware", "kv_final", "kv_peak"):
+            assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-5, abs=1e-5), f
+    assert [c["method"] for c in one.checks] == [c["method"] for c in two.checks]
+    assert [c["diff"] < 1e-4 for c in two.checks] == [True] * len(one.checks)
+
+    def boom(self, trial, check=False):
+        raise ValueError("no such trial")
+
+    monkeypatch.setattr(L.Runner, "trial", boom)
+    with pytest.raises(RuntimeError, match=r"a bench worker failed(.|\n)*no such trial"):
+        L.run_trials(L.Runner(cfg, model, tok, ticks.append), trials, set(), workers=2)
+
+
+@torch.no_grad()
 def test_kept_mask_reads_ragged_caches_with_empty_slots():
     cache = hd.ReducedCache()
     cache.index = {1: torch.tensor([[[-1, 0, 3], [1, 2, 3]]])}

@@ -48,13 +48,15 @@ patched forward runs (:func:`~tokenmerge.adapters.hf_decoder.compress`; the test
 are identical), and is measured with the model patched with that method (TOVA keeps evicting
 while it decodes). KVzip's reconstruction scores do not depend on the ratio: they are
 computed once per trial and mode. Chunked prefills share every chunk but the last between
-the modes. Timings come from one context, apart from the trials.
+the modes. Timings come from one context, apart from the trials. ``workers`` forked
+processes can share the trials (:mod:`.parallel`); the timings then run alone afterwards.
 """
 
 from .bench import run, summarize
 from .check import kept_mask, reference_nll
 from .cli import QUICK, cli_main
 from .measure import Acc, continuation_nll, greedy_answer, ppl_ratio, proportion
+from .parallel import run_trials
 from .report import markdown, winners
 from .runner import PPL_PREFIX, TASKS, LLMBenchConfig, Runner, planned_steps, ratio_of
 from .trials import ANSWER_PREFIX, NEEDLE, QUESTION, Trial, chat_split, ids_of, make_trials
@@ -84,6 +86,7 @@ __all__ = [
     "ratio_of",
     "reference_nll",
     "run",
+    "run_trials",
     "summarize",
     "winners",
 ]

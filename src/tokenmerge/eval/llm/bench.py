@@ -13,6 +13,7 @@ from ...adapters import hf_decoder as hd
 from ...methods import REGISTRY
 from ...methods.kv.kvzip import kvzip_prompt
 from .measure import Acc, mean, ppl_ratio, proportion
+from .parallel import run_trials
 from .runner import TASKS, LLMBenchConfig, Runner
 from .trials import Trial, make_trials, spread
 
@@ -27,6 +28,8 @@ def _validate(cfg: LLMBenchConfig) -> None:
             raise ValueError(f"{m!r} is not a KV or decoder method; choose from {llm}")
     if any(f < 1.0 for f in cfg.factors):
         raise ValueError(f"compression factors must be >= 1 (2 = 2x), got {cfg.factors}")
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be at least 1, got {cfg.workers}")
     if cfg.trials < 1 or not cfg.lengths:
         raise ValueError("the bench needs at least one length and one trial per length")
 
@@ -57,8 +60,11 @@ def run(cfg: LLMBenchConfig, progress: Callable[[int], None] | None = None) -> d
     trials = make_trials(tok, cfg.lengths, cfg.trials, cfg.corpora, cfg.continuation, cfg.seed)
     if cfg.tasks & {"needle", "ppl"}:
         checked = set(spread(len(trials), cfg.ppl_check))
-        for i, t in enumerate(trials):
-            r.trial(t, check=i in checked)
+        if cfg.workers > 1:
+            run_trials(r, trials, checked, cfg.workers)
+        else:
+            for i, t in enumerate(trials):
+                r.trial(t, check=i in checked)
     speed, speed_ctx = None, 0
     if "speed" in cfg.tasks:
         st = make_trials(tok, [cfg.speed_length], 1, cfg.corpora[:1], 1, cfg.seed + 1)[0]

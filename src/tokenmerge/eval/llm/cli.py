@@ -28,7 +28,7 @@ QUICK: dict[str, Any] = {
 #: ``--param bench.NAME=VALUE`` settings (lists are separated by ``/``: lengths=1024/2048)
 SETTINGS = (
     "lengths", "memory_lengths", "chunk", "window", "continuation", "speed_length",
-    "decode_tokens", "chunked", "memory_budget", "ppl_check", "max_new_tokens",
+    "decode_tokens", "chunked", "memory_budget", "ppl_check", "max_new_tokens", "workers",
 )  # fmt: skip
 
 
@@ -86,6 +86,7 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
         speed_length=get("speed_length", int),
         decode_tokens=get("decode_tokens", int),
         timing_runs=args.timing_runs or d.timing_runs,
+        workers=get("workers", int),
         seed=args.seed,
         tasks=tasks,
     )

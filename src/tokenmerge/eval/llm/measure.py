@@ -3,6 +3,7 @@ statistics reported over trials."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
@@ -142,6 +143,11 @@ class Acc:
     kv_final: list[float] = field(default_factory=list)
     kv_peak: list[float] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
+
+    def extend(self, other: Acc) -> None:
+        """Append ``other``'s trials (measured after this one's) to this one's."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
 
     def by_length(self) -> dict[int, tuple[float | None, float | None, int]]:
         """Query-agnostic needle accuracy per haystack length: ``(mean, se, n)``."""

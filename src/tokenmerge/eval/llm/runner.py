@@ -58,6 +58,8 @@ class LLMBenchConfig:
     speed_length: int = 1024
     decode_tokens: int = 32
     timing_runs: int = 5
+    #: processes the trials run on (:mod:`.parallel`), each with an equal share of the threads
+    workers: int = 1
     seed: int = 0
     tasks: frozenset[str] = TASKS
 

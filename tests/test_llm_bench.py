@@ -247,3 +247,9 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
     md = (tmp_path / "t.md").read_text()
     assert md.startswith("# tokenmerge bench: tiny") and "Which method wins" in md
     assert "Perplexity cross-check" in md and " ± " in md
+    # the report made again from the saved JSON is the one the run wrote
+    (tmp_path / "t.md").unlink()
+    assert main(["report", str(tmp_path / "t.json")]) == 0
+    assert (tmp_path / "t.md").read_text() == md
+    with pytest.raises(SystemExit, match="not a saved bench result"):
+        main(["report", str(tmp_path / "t.md")])

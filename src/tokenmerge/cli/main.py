@@ -84,6 +84,18 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ..eval.llm.cli import render
+
+    for name in args.json:
+        path = Path(name)
+        if path.suffix != ".json" or not path.is_file():
+            raise SystemExit(f"{name!r} is not a saved bench result (a .json file)")
+        path.with_suffix(".md").write_text(render(path))
+        print(f"wrote {path.with_suffix('.md')}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from ..api import supported_families
     from ..methods import REGISTRY
@@ -148,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="docs/results", help="output folder")
     c.add_argument("--name", help="file stem (default: compile-MODEL-BACKEND)")
     c.set_defaults(func=lambda a: importlib.import_module("tokenmerge.eval.compiled").cli_main(a))
+
+    r = sub.add_parser(
+        "report", help="rewrite an LLM bench's Markdown from its saved JSON (current wording)"
+    )
+    r.add_argument("json", nargs="+", help="<name>.json written by `tokenmerge bench`")
+    r.set_defaults(func=_report)
 
     ls = sub.add_parser("list", help="list the registered methods and model families")
     ls.set_defaults(func=_list)

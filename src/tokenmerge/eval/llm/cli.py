@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -104,6 +105,10 @@ def cli_main(args: argparse.Namespace) -> int:
     return write(args, cfg, result)
 
 
+#: the parts of a run's result that :func:`write` keeps in the JSON's ``meta``
+SAVED = ("base", "check", "memory", "trials", "speed_context")
+
+
 def write(args: argparse.Namespace, cfg: LLMBenchConfig, result: dict[str, Any]) -> int:
     """``<out>/<name>.json`` and ``.md``."""
     from .. import report
@@ -118,9 +123,26 @@ def write(args: argparse.Namespace, cfg: LLMBenchConfig, result: dict[str, Any])
         for k, v in vars(cfg).items()
         if k not in ("method_params",)
     } | {"method_params": result["method_params"], "tasks": sorted(cfg.tasks)}
-    for k in ("base", "check", "memory", "trials", "speed_context"):
+    for k in SAVED:
         meta[k] = result[k]
     report.write_json(out / f"{stem}.json", meta, result["rows"])
     (out / f"{stem}.md").write_text(markdown(cfg, result, meta))
     print(f"wrote {out / stem}.json, .md")
     return 0
+
+
+def render(path: str | Path) -> str:
+    """The Markdown report of a saved run (``<name>.json`` written by :func:`write`), made
+    again with the current report code: a report's wording can change without re-running
+    hours of trials, and the numbers stay those of the JSON."""
+    import json
+
+    from .report import markdown
+
+    saved = json.loads(Path(path).read_text())
+    meta, fields = saved["meta"], {f.name for f in dataclasses.fields(LLMBenchConfig)}
+    conf = {k: v for k, v in meta["config"].items() if k in fields}
+    conf = {k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()}
+    cfg = LLMBenchConfig(**conf | {"tasks": frozenset(conf["tasks"])})
+    result = {"rows": saved["rows"], **{k: meta[k] for k in SAVED}}
+    return markdown(cfg, result, meta)

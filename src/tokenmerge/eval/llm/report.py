@@ -137,15 +137,32 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
         f"{_fmt(b['ppl_aware'])} (aware).\n\n"
         "Ratios are against the uncompressed model: KV final/peak = cache bytes (peak = the "
         "most held at once during the prefill); prefill time = patched / unpatched prefill "
-        f"time of one {result['speed_context']}-token context, median of {cfg.timing_runs} "
-        "interleaved pairs with the interquartile range (min–max under 4 pairs) in "
-        "parentheses (< 1 is faster); extra forwards = forwards after the prefill that the "
+        + (
+            f"time of one {result['speed_context']}-token context, median of "
+            f"{cfg.timing_runs} interleaved pairs with the interquartile range (min–max under "
+            "4 pairs) in parentheses (< 1 is faster), measured after the trials with nothing "
+            "else running in the process"
+            if result["speed_context"]
+            else "time: not measured in this run (no `speed` task)"
+        )
+        + (
+            f"; the trials ran on {cfg.workers} worker processes of "
+            f"{max(1, int(meta['machine']['torch_threads']) // cfg.workers)} thread(s) each"
+            if cfg.workers > 1
+            else ""
+        )
+        + "; extra forwards = forwards after the prefill that the "
         "method's scoring costs at that length (KVzip's context reconstruction); decode "
         "speed = reduced / uncompressed tokens per second (> 1 is faster; measured per "
         "configuration where the method changes decoding, TOVA, AdaKV and decoder methods, "
         "else per ratio). "
-        f"Chunked prefill: {cfg.chunk}-token chunks, {cfg.window} stabilising tokens (not "
-        "for KVzip and AdaKV, which chunked prefill refuses). Perplexity: of the "
+        + (
+            f"Chunked prefill: {cfg.chunk}-token chunks, {cfg.window} stabilising tokens (not "
+            "for KVzip and AdaKV, which chunked prefill refuses). "
+            if cfg.chunked
+            else "Chunked prefill was not run (`bench.chunked=false`). "
+        )
+        + "Perplexity: of the "
         f"continuation after its first {PPL_PREFIX + 1} tokens, given the compressed context "
         f"(agnostic) or the context plus the first {PPL_PREFIX} continuation tokens "
         "compressed together (aware).\n\n"

@@ -5,6 +5,7 @@ against the live patched prefill, the independent perplexity check, and a ``--qu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -18,6 +19,7 @@ import tokenmerge as tm
 from tokenmerge.adapters import hf_decoder as hd
 from tokenmerge.eval import corpora
 from tokenmerge.eval import llm as L
+from tokenmerge.eval.report import provenance
 from tokenmerge.methods.kv import KV_SCORERS
 
 TEMPLATE = (
@@ -162,6 +164,31 @@ def test_perplexity_check_agrees_with_the_bench_on_a_tiny_model(tok, synthetic_c
     assert max(abs(c["reference"] - 1.0) for c in r.checks) > 1e-3
     assert model.config._attn_implementation == "sdpa"  # restored
     assert not hasattr(model, hd.ATTR)
+
+
+@torch.no_grad()
+def test_agnostic_only_runs_no_query_aware_prefill(tok, synthetic_corpora):
+    """``aware=False``: the agnostic figures are those of a full run, nothing aware is
+    measured, and the report has no aware columns."""
+    model = tiny_lm(len(tok))
+    cfg = L.bench.with_prompts(_cfg(methods=("snapkv", "kvzip"), factors=(2.0,), trials=1), tok)
+    trial = L.make_trials(tok, cfg.lengths, 1, cfg.corpora, cfg.continuation)[0]
+    both = L.Runner(cfg, model, tok, lambda k: None)
+    both.trial(trial, check=True)
+    one = L.Runner(dataclasses.replace(cfg, aware=False), model, tok, lambda k: None)
+    assert list(one.suffixes(trial)) == ["agnostic"]
+    one.trial(trial, check=True)
+    for k, a in both.accs.items():
+        b = one.accs[k]
+        assert (b.agnostic, b.answers, b.kv_final) == (a.agnostic, a.answers, a.kv_final)
+        assert b.nll == pytest.approx(a.nll, rel=1e-6) and b.aware == b.nll_aware == []
+    assert {c["mode"] for c in one.checks} == {"agnostic"} and one.checks
+    result = L.summarize(one.cfg, one, [trial], None, 0, [])
+    assert (
+        result["rows"][0]["needle_aware"] is None and result["rows"][0]["ppl_ratio_aware"] is None
+    )
+    md = L.markdown(one.cfg, result, provenance(0))
+    assert "needle (aware)" not in md and "ppl ratio (agnostic)" in md and "not run" in md
 
 
 @torch.no_grad()

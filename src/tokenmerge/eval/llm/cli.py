@@ -30,6 +30,7 @@ QUICK: dict[str, Any] = {
 SETTINGS = (
     "lengths", "memory_lengths", "chunk", "window", "continuation", "speed_length",
     "decode_tokens", "chunked", "memory_budget", "ppl_check", "max_new_tokens", "workers",
+    "aware",
 )  # fmt: skip
 
 
@@ -82,6 +83,7 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
         chunk=get("chunk", int),
         window=get("window", int),
         chunked=get("chunked", bool),
+        aware=get("aware", bool),
         memory_lengths=get("memory_lengths", _ints),
         memory_budget=get("memory_budget", int),
         speed_length=get("speed_length", int),

@@ -130,7 +130,9 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
         f"{ANSWER_PREFIX!r} are then fed, and a trial is correct when greedy decoding of up "
         f"to {cfg.max_new_tokens} tokens contains the key. Needle accuracy is shown as mean ± "
         "standard error sqrt(p(1-p)/n); perplexity ratios ± their standard error over "
-        "trials (delta method on per-trial log ratios).\n\n"
+        "trials (delta method on per-trial log ratios)."
+        + ("" if cfg.aware else " The query-aware modes were not run (`bench.aware=false`).")
+        + "\n\n"
         f"Uncompressed model in the same run: needle {_fmt(b['needle_agnostic'])} ± "
         f"{b['needle_agnostic_se'] or 0:.3f} (agnostic) / {_fmt(b['needle_aware'])} (aware); "
         f"by length {lengths}; perplexity {_fmt(b['ppl'])} (agnostic) / "
@@ -171,7 +173,8 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
         + winners(rows)
         + "\n"
     )
-    md = report.markdown(rows, COLUMNS, meta, f"tokenmerge bench: {cfg.model}", notes)
+    columns = [c for c in COLUMNS if cfg.aware or "aware" not in str(c[0])]
+    md = report.markdown(rows, columns, meta, f"tokenmerge bench: {cfg.model}", notes)
     if result["memory"]:
         mem = ["\n## Peak KV memory against context length\n",
                "| context | uncompressed MB | one-shot 8x peak MB | chunked peak MB | "

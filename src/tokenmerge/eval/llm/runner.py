@@ -53,6 +53,10 @@ class LLMBenchConfig:
     chunk: int = 256
     window: int = 64
     chunked: bool = True
+    #: also measure the query-aware modes (the question or the continuation's start is
+    #: compressed with the context); ``False`` measures the query-agnostic mode alone, at
+    #: about half the cost
+    aware: bool = True
     memory_lengths: Sequence[int] = (1024, 2048, 4096)
     memory_budget: int = 256
     speed_length: int = 1024
@@ -169,9 +173,9 @@ class Runner:
         its last token (query-aware needle), the first continuation tokens (query-aware
         perplexity)."""
         out = {"agnostic": trial.question[:, :0]}
-        if "needle" in self.cfg.tasks:
+        if "needle" in self.cfg.tasks and self.cfg.aware:
             out["needle_aware"] = trial.question[:, :-1]
-        if "ppl" in self.cfg.tasks:
+        if "ppl" in self.cfg.tasks and self.cfg.aware:
             out["ppl_aware"] = trial.continuation[:, : self.ppl_prefix(trial)]
         return out
 
@@ -225,19 +229,21 @@ class Runner:
         if "needle" in cfg.tasks:
             kw = dict(tok=self.tok, key=trial.key, max_new=cfg.max_new_tokens, stop=self.stop)
             ok, text = greedy_answer(model, caches["agnostic"], trial.question, **kw)
-            aware, _ = greedy_answer(model, caches["needle_aware"], trial.question[:, -1:], **kw)
             acc.agnostic.append(ok)
-            acc.aware.append(aware)
+            if "needle_aware" in caches:
+                q = trial.question[:, -1:]
+                acc.aware.append(greedy_answer(model, caches["needle_aware"], q, **kw)[0])
             acc.lengths.append(trial.length)
             acc.answers.append(text)
         if "ppl" in cfg.tasks:
             p, cont = self.ppl_prefix(trial), trial.continuation
             res["nll"] = continuation_nll(model, caches["agnostic"], cont, skip=p)
-            res["nll_aware"] = continuation_nll(model, caches["ppl_aware"], cont[:, p:])
             acc.nll.append(res["nll"][0])
             acc.tokens.append(res["nll"][1])
-            acc.nll_aware.append(res["nll_aware"][0])
-            acc.tokens_aware.append(res["nll_aware"][1])
+            if "ppl_aware" in caches:
+                res["nll_aware"] = continuation_nll(model, caches["ppl_aware"], cont[:, p:])
+                acc.nll_aware.append(res["nll_aware"][0])
+                acc.tokens_aware.append(res["nll_aware"][1])
         return res
 
     @torch.inference_mode()
@@ -264,8 +270,9 @@ class Runner:
                     res = self.measure(acc, trial, red)
                 acc.kv_final.append(hd.kv_bytes(red["agnostic"]) / full_bytes)
                 if check and "ppl" in cfg.tasks:
-                    kept = {"agnostic": kept_mask(red["agnostic"], n),
-                            "aware": kept_mask(red["ppl_aware"], n + p)}  # fmt: skip
+                    kept = {"agnostic": kept_mask(red["agnostic"], n)}
+                    if "ppl_aware" in red:
+                        kept["aware"] = kept_mask(red["ppl_aware"], n + p)
                     pending.append((name, f, res, kept))
                 self.tick(1)
             del memo
@@ -299,6 +306,8 @@ class Runner:
         add("uncompressed", 1.0, "agnostic", math.exp((base["nll"][0] - ref_base) / count), 1.0)
         for name, f, res, kept in pending:
             for mode, key, prefill in (("agnostic", "nll", n), ("aware", "nll_aware", n + p)):
+                if mode not in kept:
+                    continue
                 ref, _ = reference_nll(self.model, tokens, prefill, kept[mode], n + p)
                 bench = math.exp((res[key][0] - base[key][0]) / res[key][1])
                 add(name, f, mode, bench, math.exp((ref - ref_base) / count))

@@ -84,6 +84,36 @@ def _at_depth(tok, trial, depth):
 
 
 @torch.inference_mode()
+def test_h2o_keeps_what_the_eager_attention_weights_choose(lm):
+    """H2O on real weights and text, against the paper's definition computed from the model's
+    own eager attention probabilities: ``S_j = Σ_i A_ij`` summed over each KV head's query
+    heads, the most recent half of the budget kept regardless, the heavy hitters for the
+    rest. Every layer and head must keep the same entries as the blocked scoring kernel."""
+    from tokenmerge.eval import llm
+
+    model, tok = lm
+    ids = llm.make_trials(tok, [512], 1, ["mobydick"], 8)[0].context
+    n = ids.shape[1]
+    with tm.patched(model, get_method("h2o", ratio=0.5)):
+        cache = hd.cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(input_ids=ids, output_attentions=True, logits_to_keep=1).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    k = n - round(0.5 * n)
+    recent = round(0.5 * k)
+    assert len(attentions) == len(cache.index) == model.config.num_hidden_layers
+    for i, a in enumerate(attentions):
+        received = a[0].float().sum(1).view(-1, groups, n).sum(1)  # [H_kv, n]
+        received[:, n - recent :] = float("inf")
+        for h, s in enumerate(received):
+            want = torch.topk(s, k).indices.sort().values
+            assert torch.equal(cache.index[i][0, h].sort().values, want), (i, h)
+
+
+@torch.inference_mode()
 def test_real_model_full_budget_is_bit_identical(lm):
     model, tok = lm
     ids = tok(["The capital of Italy is", "Call me Ishmael. Some years ago"], padding=True,

@@ -28,6 +28,11 @@ from .trials import Trial
 _POLL = 5.0
 
 
+def worker_threads(total: int, workers: int) -> int:
+    """Torch threads of each of ``workers`` processes sharing ``total`` threads."""
+    return max(1, total // workers)
+
+
 def _worker(
     r: Runner, trials: Sequence[Trial], checked: set[int], threads: int, todo: Any, out: Any
 ) -> None:
@@ -47,7 +52,7 @@ def _worker(
 def run_trials(r: Runner, trials: Sequence[Trial], checked: set[int], workers: int) -> None:
     """Run ``r.trial`` on every trial with ``workers`` forked processes, each with an equal
     share of the parent's torch threads, and merge their measurements into ``r``."""
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = worker_threads(torch.get_num_threads(), workers)
     ctx = mp.get_context("fork")  # the loaded model is shared, not pickled
     todo, out = ctx.Queue(), ctx.Queue()
     for i in range(len(trials)):

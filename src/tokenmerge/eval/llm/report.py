@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .parallel import worker_threads
 from .runner import PPL_PREFIX, LLMBenchConfig
 from .trials import ANSWER_PREFIX, QUESTION
 
@@ -149,7 +150,8 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
         )
         + (
             f"; the trials ran on {cfg.workers} worker processes of "
-            f"{max(1, int(meta['machine']['torch_threads']) // cfg.workers)} thread(s) each"
+            f"{worker_threads(int(meta['machine']['torch_threads']), cfg.workers)} thread(s) "
+            "each"
             if cfg.workers > 1
             else ""
         )

@@ -93,6 +93,7 @@ def _patched_continuation(model, method, ids, mask, cont):
         dict(name="adakv", scorer="h2o"),
         dict(name="adakv", scorer="kvzip", scorer_params={"prompt": (5, 6, 7), "chunk": 16}),
         dict(name="kvzip", prompt=(5, 6, 7), chunk=16),
+        dict(name="kvzip", prompt=(5, 6, 7), chunk=16, allocation="uniform", sink=0),
         dict(name="snapkv", window=4, layer_budget="pyramid"),
         dict(name="h2o", stride=3),
     ],
@@ -151,13 +152,50 @@ def test_kvzip_evicts_after_its_scoring_forwards_in_the_prefill():
     method in test_llm.py.)"""
     model = tiny("qwen3")
     ids, mask, _ = batch((40, 29))
-    method = get_method("kvzip", ratio=0.6, prompt=(9, 8), chunk=16)
+    method = get_method("kvzip", ratio=0.6, prompt=(9, 8), chunk=16, allocation="uniform")
     with tm.patched(model, method):
         cache = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
         run = hd.runtime_of(model).last
     assert run.fresh and sorted(run.evicted) == [0, 1, 2, 3]  # the prefill, checked
     assert [cache.stored(i) for i in range(4)] == [16] * 4  # round(40 * 0.4)
     assert method.extra_forwards(40) == 3 and method.chunks(40) == [(0, 8), (8, 24), (24, 40)]
+
+
+@torch.no_grad()
+def test_kvzip_global_allocation_keeps_the_top_scores_of_the_whole_cache():
+    """The paper's allocation, against a slow reference from the reconstruction scores
+    (checked above against eager attention): per sample, rank every (layer, head, entry)
+    by score, with the first ``sink`` real tokens and each head's best entry ranked first,
+    and keep the top ``Σ_l H · round(n · (1 - ratio))``."""
+    model = tiny("qwen3")
+    ids, mask, _ = batch((40, 29))
+    method = get_method("kvzip", ratio=0.6, prompt=(9, 8), chunk=16, sink=3)
+    with tm.patched(model, get_method("knorm", ratio=0.0)):
+        full = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
+        scores = reconstruction_scores(hd.runtime_of(model), full, (ids, None), mask.bool(), method)
+    with tm.patched(model, method):
+        cache = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
+        assert hd.runtime_of(model).last.fresh  # the shared budget was checked
+    depth, hk = model.config.num_hidden_layers, model.config.num_key_value_heads
+    held = {(b, i, h): set(cache.index[i][b, h][cache.index[i][b, h] >= 0].tolist())
+            for b in range(2) for i in range(depth) for h in range(hk)}  # fmt: skip
+    for b in range(2):
+        real = mask[b].nonzero().flatten().tolist()
+        ranked = []
+        for i in range(depth):
+            for h in range(hk):
+                s = {j: float(scores[i][b, h, j]) for j in real}
+                best = max(real, key=lambda j: (s[j], -j))
+                for j in real:
+                    first = j in real[:3] or j == best
+                    ranked.append(((0 if first else 1), -s[j], i, h, j))
+        total = depth * hk * round(len(real) * 0.4)
+        want = {(i, h, j) for _, _, i, h, j in sorted(ranked)[:total]}
+        got = {(i, h, j) for (bb, i, h), js in held.items() if bb == b for j in js}
+        assert got == want, b
+        counts = {len(held[b, i, h]) for i in range(depth) for h in range(hk)}
+        assert len(counts) > 1  # layers and heads do keep different numbers
+        assert all(set(real[:3]) <= held[b, i, h] for i in range(depth) for h in range(hk))
 
 
 def test_kvzip_and_adakv_are_refused_where_they_cannot_work():
@@ -175,6 +213,9 @@ def test_kvzip_and_adakv_are_refused_where_they_cannot_work():
     for bad, match in (
         (dict(chunk=0), "chunk"),
         (dict(prompt=(-1,)), "token ids"),
+        (dict(sink=-1), "sink"),
+        (dict(allocation="layer"), "allocation"),
+        (dict(per_head=False), "per_head=False needs"),
     ):
         with pytest.raises(ValueError, match=match):
             get_method("kvzip", ratio=0.5, **bad)

@@ -271,6 +271,10 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
         assert r["decode_ratio"] > 0 and r["ppl_ratio"] > 0
         kvzip = math.ceil(meta["speed_context"] / 32)  # reconstruction chunks
         assert r["extra_forwards"] == (kvzip if r["method"] == "kvzip" else 0)
+        if r["prefill_mode"] == "oneshot":  # the budget spent, over layers and heads
+            assert abs(r["kv_kept"] - 1 / r["factor"]) < 0.02, r
+        else:
+            assert r["kv_kept"] is None
     md = (tmp_path / "t.md").read_text()
     assert md.startswith("# tokenmerge bench: tiny") and "Which method wins" in md
     assert "Perplexity cross-check" in md and " ± " in md

@@ -97,34 +97,63 @@ class _KVSite:
 
     def _evict_layer(self, i: int, ctx: KVContext, run: _Forward, plan: _Plan) -> None:
         """Evict layer ``i`` to its budget with the patched method (and check it did)."""
+        self._evict_layers({i: ctx}, run, plan)
+
+    def _evict_layers(self, ctxs: dict[int, KVContext], run: _Forward, plan: _Plan) -> None:
+        """Evict layers ``ctxs`` together (:meth:`KVMethod.select_layers`: a method may share
+        one budget across them) and check that they kept what their budgets allow: each
+        layer its own, or, for a method that :attr:`~KVMethod.shares_layers`, all together."""
         kv, cache = self.kv, run.cache
-        counts = ctx.counts
-        if plan.caps is not None:  # chunked prefill, or a decoding step held at its budget
-            keep = torch.minimum(plan.caps[i].to(counts.device), counts)
-        else:
-            keep = kv.keep(counts, i, self.depth)
-            hold_budget(cache, kv, i, counts, keep, self.depth)
-        if not keep.numel():
+        keeps: dict[int, Tensor] = {}
+        for i, ctx in ctxs.items():
+            counts = ctx.counts
+            if plan.caps is not None:  # chunked prefill, or a decoding step held at its budget
+                keeps[i] = torch.minimum(plan.caps[i].to(counts.device), counts)
+            else:
+                keeps[i] = kv.keep(counts, i, self.depth)
+                hold_budget(cache, kv, i, counts, keeps[i], self.depth)
+        shared = kv.shares_layers
+        uniform: dict[int, bool] = {}
+        for i, k in list(keeps.items()):
+            if not k.numel():
+                del keeps[i]
+                continue
+            # one host read: whether anything is removed (else the layer is skipped, unless
+            # it shares its budget), and whether every sample keeps as many (no empty slot)
+            done, same = torch.stack([(k >= ctxs[i].counts).all(), (k == k.max()).all()]).tolist()
+            if done and not shared:
+                del keeps[i]
+            uniform[i] = same
+        if not keeps:
             return
-        # one host read: whether anything is removed, and whether every sample keeps as many
-        # (then no slot is left empty)
-        flags = torch.stack([(keep >= counts).all(), (keep == keep.max()).all()])
-        done, uniform = flags.tolist()
-        if done:
-            return
-        n = ctx.length
-        forced = ctx.recent(min(plan.window, n)) if plan.window > 0 else None
-        index, slot_valid = kv.select(ctx, keep, forced)
-        _evict(cache, i, ctx, index, slot_valid, holes=not uniform or kv.ragged)
-        cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
-        run.evicted[i] = index.shape[-1]
-        heads = index.shape[1]
-        got = (slot_valid if slot_valid.dim() == 3 else slot_valid[:, None]).sum((1, 2))
-        want = keep * (heads if slot_valid.dim() == 3 else 1)
+        forced = {
+            i: ctxs[i].recent(min(plan.window, ctxs[i].length)) if plan.window > 0 else None
+            for i in keeps
+        }
+        chosen = kv.select_layers({i: ctxs[i] for i in keeps}, keeps, forced)
+        got_all, want_all = 0, 0
+        for i, (index, slot_valid) in chosen.items():
+            ragged = slot_valid.dim() == 3
+            keep = keeps[i]
+            _evict(cache, i, ctxs[i], index, slot_valid, holes=ragged or not uniform[i])
+            cache.peak_bytes = max(cache.peak_bytes, cache.nbytes)
+            run.evicted[i] = index.shape[-1]
+            heads = index.shape[1]
+            got = (slot_valid if ragged else slot_valid[:, None]).sum((1, 2))
+            want = torch.minimum(keep, ctxs[i].counts) * (heads if ragged else 1)
+            if shared:
+                got_all, want_all = got_all + got, want_all + want
+            else:
+                self._check_kept(run, f"layer {i}", got, want)
+        if shared:
+            self._check_kept(run, f"layers {sorted(chosen)}", got_all, want_all)
+
+    @staticmethod
+    def _check_kept(run: _Forward, where: str, got: Tensor, want: Tensor) -> None:
         run.checks.append(
             (
                 (got == want).all(),
-                lambda: f"layer {i} kept {got.tolist()} entries, budget {want.tolist()}",
+                lambda: f"{where} kept {got.tolist()} entries, budget {want.tolist()}",
             )
         )
 
@@ -134,7 +163,7 @@ class _KVSite:
             self._release(run)
             raise ValueError(
                 f"layer {i} of this cache was compressed by a method whose heads keep different "
-                "numbers of entries (AdaKV); it cannot be scored or evicted again (chunked "
+                "numbers of entries (AdaKV, KVzip); it cannot be scored or evicted again (chunked "
                 "prefill, decode eviction, observe): use a one-shot prefill, or a method with "
                 "equal per-head budgets"
             )

@@ -228,6 +228,7 @@ def compress(
         )
         scores = reconstruction_scores(rt, cache, (input_ids, None), valid, method, position_ids)
     depth = len(cache.layers)
+    ctxs, keeps = {}, {}
     for i, ctx in contexts.items():
         if cache.stored(i) != ctx.length:
             raise ValueError(f"layer {i}: the cache no longer matches the recorded context")
@@ -239,8 +240,8 @@ def compress(
         counts = ctx.counts
         keep = method.keep(counts, i, depth)
         hold_budget(cache, method, i, counts, keep, depth)
-        if bool((keep >= counts).all()):
-            continue
-        index, slot_valid = method.select(ctx, keep)
-        _evict(cache, i, ctx, index, slot_valid)
+        if method.shares_layers or not bool((keep >= counts).all()):
+            ctxs[i], keeps[i] = ctx, keep
+    for i, (index, slot_valid) in method.select_layers(ctxs, keeps).items():
+        _evict(cache, i, ctxs[i], index, slot_valid)
     return cache

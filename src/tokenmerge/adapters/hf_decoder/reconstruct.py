@@ -127,6 +127,6 @@ def score_by_reconstruction(rt: _Runtime, run: _Forward) -> None:
     scores = reconstruction_scores(
         rt, run.cache, run.inputs, run.input_valid, kv, position_ids=run.position_ids
     )
-    for i, ctx in run.deferred.items():
-        rt._evict_layer(i, with_scores(ctx, scores.get(i, _recency(ctx))), run, run.plan)
+    ctxs = {i: with_scores(ctx, scores.get(i, _recency(ctx))) for i, ctx in run.deferred.items()}
+    rt._evict_layers(ctxs, run, run.plan)
     run.deferred.clear()

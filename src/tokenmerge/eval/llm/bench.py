@@ -116,6 +116,8 @@ def summarize(
     from .. import report
 
     b = r.base
+    # the cost of scoring at the timed length, else at the longest context of the trials
+    cost_ctx = speed_ctx or max((t.context.shape[1] for t in trials), default=0)
     ppl = lambda nll, n: math.exp(sum(nll) / sum(n)) if n and sum(n) else None  # noqa: E731
     base = _needle(b) | {
         "ppl": ppl(b.nll, b.tokens),
@@ -141,8 +143,9 @@ def summarize(
             "ppl_ratio_aware": aware,
             "ppl_ratio_aware_se": aware_se,
             "kv_final_ratio": mean(a.kv_final),
+            "kv_kept": mean(a.kv_kept) if a.kv_kept else None,
             "kv_peak_ratio": mean(a.kv_peak),
-            "extra_forwards": m.extra_forwards(speed_ctx) if mode == "oneshot" else 0,
+            "extra_forwards": m.extra_forwards(cost_ctx) if mode == "oneshot" else 0,
             "prefill_ratio": None,
             "prefill_ratio_lo": None,
             "prefill_ratio_hi": None,
@@ -176,5 +179,6 @@ def summarize(
         "memory": memory,
         "trials": info,
         "speed_context": speed_ctx,
+        "cost_context": cost_ctx,
         "method_params": cfg.method_params,  # with the prompts built from the tokenizer
     }

@@ -93,6 +93,15 @@ def kept_mask(cache: Any, prefill: int) -> dict[int, Tensor]:
     return out
 
 
+def kept_fraction(cache: Any, prefill: int, depth: int) -> float:
+    """Fraction of the ``prefill`` entries of every layer and KV head that ``cache`` holds
+    (the method's budget, whatever the storage: heads that keep different numbers pad their
+    layer's slots, which :func:`~tokenmerge.adapters.hf_decoder.kv_bytes` counts)."""
+    kept = kept_mask(cache, prefill)
+    whole = depth - len(kept)
+    return (sum(float(m.float().mean()) for m in kept.values()) + whole) / depth
+
+
 @contextmanager
 def _implementation(model: nn.Module, name: str) -> Iterator[None]:
     """Run ``model`` with attention implementation ``name``, restored afterwards."""

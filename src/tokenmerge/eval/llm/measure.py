@@ -141,6 +141,7 @@ class Acc:
     nll_aware: list[float] = field(default_factory=list)
     tokens_aware: list[int] = field(default_factory=list)
     kv_final: list[float] = field(default_factory=list)
+    kv_kept: list[float] = field(default_factory=list)
     kv_peak: list[float] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
 

@@ -25,6 +25,7 @@ COLUMNS: list[tuple[str | tuple[str, str], str]] = [
     ("needle_lengths", "agnostic by length"),
     (("ppl_ratio", "ppl_ratio_se"), "ppl ratio (agnostic)"),
     (("ppl_ratio_aware", "ppl_ratio_aware_se"), "ppl ratio (aware)"),
+    ("kv_kept", "KV kept"),
     ("kv_final_ratio", "KV final"),
     ("kv_peak_ratio", "KV peak"),
     ("prefill_time", "prefill time"),
@@ -138,7 +139,11 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
         f"{b['needle_agnostic_se'] or 0:.3f} (agnostic) / {_fmt(b['needle_aware'])} (aware); "
         f"by length {lengths}; perplexity {_fmt(b['ppl'])} (agnostic) / "
         f"{_fmt(b['ppl_aware'])} (aware).\n\n"
-        "Ratios are against the uncompressed model: KV final/peak = cache bytes (peak = the "
+        "KV kept = fraction of the context's entries held, over every layer and KV head "
+        "(one-shot rows: the budget the method spent); "
+        "ratios are against the uncompressed model: KV final/peak = cache bytes, empty slots "
+        "included (heads that keep different numbers, AdaKV and KVzip's global ranking, pad "
+        "their layer to its fullest head; peak = the "
         "most held at once during the prefill); prefill time = patched / unpatched prefill "
         + (
             f"time of one {result['speed_context']}-token context, median of "
@@ -155,8 +160,9 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
             if cfg.workers > 1
             else ""
         )
-        + "; extra forwards = forwards after the prefill that the "
-        "method's scoring costs at that length (KVzip's context reconstruction); decode "
+        + "; extra forwards = forwards after the prefill that the method's scoring costs "
+        f"for a {result.get('cost_context', result['speed_context'])}-token context (KVzip's "
+        "context reconstruction); decode "
         "speed = reduced / uncompressed tokens per second (> 1 is faster; measured per "
         "configuration where the method changes decoding, TOVA, AdaKV and decoder methods, "
         "else per ratio). "

@@ -23,7 +23,7 @@ from ...methods import REGISTRY, get_method
 from ...methods.base import Method
 from ...methods.decoder import DecoderMethod
 from ...methods.kv import KV_SCORERS, KVContext, KVMethod
-from .check import check_supported, kept_mask, reference_nll
+from .check import check_supported, kept_fraction, kept_mask, reference_nll
 from .measure import Acc, continuation_nll, greedy_answer, spread_of, stop_ids
 from .trials import Trial
 
@@ -269,6 +269,7 @@ class Runner:
                     red = {k: self.compress(r, m, memo) for k, r in rec.items()}
                     res = self.measure(acc, trial, red)
                 acc.kv_final.append(hd.kv_bytes(red["agnostic"]) / full_bytes)
+                acc.kv_kept.append(kept_fraction(red["agnostic"], n, len(full["agnostic"].layers)))
                 if check and "ppl" in cfg.tasks:
                     kept = {"agnostic": kept_mask(red["agnostic"], n)}
                     if "ppl_aware" in red:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..base import REGISTRY, register
-from .base import KVContext, KVMethod
+from .base import KVContext, KVMethod, ragged_index
 
 
 def adaptive_select(
@@ -39,7 +39,6 @@ def adaptive_select(
     if forced is not None:
         s = torch.where(forced, torch.full_like(s, math.inf), s)
     s = s.masked_fill(~valid[:, None, :], -math.inf)
-    ar = torch.arange(l, device=device)
 
     def ranks(x: Tensor) -> Tensor:
         """Rank of every element along the last dim (0 = best)."""
@@ -59,10 +58,7 @@ def adaptive_select(
     pos = torch.arange(h * l, device=device).expand_as(order)
     global_rank = torch.empty_like(order).scatter_(-1, order, pos).view(b, h, l)
     chosen = base | (global_rank < quota[:, None, None]) & valid[:, None, :]
-    k = int(chosen.sum(-1).max()) if chosen.numel() else 0
-    # empty slots sort first (-1): each head's kept entries end up right-aligned, in order
-    picked = torch.where(chosen, ar, -1).sort(dim=-1).values[..., l - k :]
-    return picked.clamp_min(0), picked >= 0
+    return ragged_index(chosen)
 
 
 @register

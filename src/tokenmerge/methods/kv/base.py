@@ -243,6 +243,19 @@ def select_entries(
     return picked.clamp_min(0), picked[:, 0] >= 0
 
 
+def ragged_index(chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head kept sets ``chosen [B, H, L]`` (heads may keep different numbers) as the
+    cache's layout: ``index [B, H, K]`` of each head's kept entries in their original order,
+    left-padded with empty slots (``K`` = the most any head keeps), and ``slot_valid [B, H,
+    K]``."""
+    l = chosen.shape[-1]
+    k = int(chosen.sum(-1).max()) if chosen.numel() else 0
+    ar = torch.arange(l, device=chosen.device)
+    # empty slots sort first (-1): each head's kept entries end up right-aligned, in order
+    picked = torch.where(chosen, ar, -1).sort(dim=-1).values[..., l - k :]
+    return picked.clamp_min(0), picked >= 0
+
+
 # --------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------
@@ -392,6 +405,25 @@ class KVMethod(Method):
             if forced is not None:
                 forced = forced.any(1, keepdim=True).expand_as(forced)
         return select_entries(scores, ctx.valid, keep, forced)
+
+    def select_layers(
+        self,
+        ctxs: dict[int, KVContext],
+        keeps: dict[int, Tensor],
+        forced: dict[int, Tensor | None] | None = None,
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """:meth:`select` for several layers evicted together (a prefill whose eviction
+        waited for all of them, or :func:`~tokenmerge.adapters.hf_decoder.compress`). Each
+        layer selects by itself here; a method that shares one budget across layers
+        (:attr:`shares_layers`, KVzip's global ranking) overrides this, keeping
+        ``Σ_l H · keeps[l]`` entries in all."""
+        forced = forced or {}
+        return {i: self.select(c, keeps[i], forced.get(i)) for i, c in ctxs.items()}
+
+    @property
+    def shares_layers(self) -> bool:
+        """Layers keep different numbers of entries, out of one budget for all of them."""
+        return False
 
     def reduce(
         self, sig: Signals, state: TokenState, r: int | Tensor, layer: int

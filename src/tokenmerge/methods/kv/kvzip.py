@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from ..base import register
-from .base import RECONSTRUCTION, KVContext, KVMethod
+from .base import RECONSTRUCTION, KVContext, KVMethod, ragged_index
 
 #: the instruction of KVzip's reconstruction prompt
 REPEAT = "Repeat the previous context exactly."
@@ -53,9 +53,22 @@ class KVzip(KVMethod):
 
         S_{h,j} = max_t max_{g ∈ G(h)} max_{i ∈ x_t} A^{(t)}_{g,i,j}
 
-    Entries are then kept by score under the layer's budget (per head; wrap in ``adakv`` for
-    head-adaptive budgets, close to the paper's non-uniform allocation). The scores do not
-    depend on any question, so one compressed cache serves every later query.
+    The paper keeps the top-scored pairs over *all* layers and heads at once
+    (``allocation="global"``): with ``B = Σ_l H · k_l`` the budget of the whole cache, the
+    kept set is the top-``B`` of ``{S^{(l)}_{h,j}}``, so layers and heads whose
+    reconstruction attention is concentrated give budget to those where it is spread; heads
+    then hold different numbers of entries (masked per head, as for ``adakv``).
+    ``allocation="uniform"`` keeps ``k_l`` per head instead (the paper's "uniform head
+    budget" ablation). The first ``sink`` entries of each sequence are kept whatever their
+    score, as the paper keeps the system prompt (kvpress keeps 4): some heads of some models
+    (Qwen2.5) pay the attention sink little attention during the reconstruction, yet
+    evicting it ruins them. Under the global allocation every head also keeps its best
+    entry, so that none is left empty. The scores do not depend on any question, so one
+    compressed cache serves every later query.
+
+    The paper's softmax runs over the system prompt, the chunk's own part of the context
+    and the reconstruction tokens only; here it runs over the whole cache (the same for a
+    context of up to ``chunk`` tokens).
 
     Cost: ``ceil(n / chunk)`` extra forwards over ``n + m·|prompt|`` tokens in all, each
     attending to the whole context: about one more prefill, plus the explicit attention
@@ -66,6 +79,9 @@ class KVzip(KVMethod):
             :func:`kvzip_prompt` (the paper's "Repeat the previous context" in the model's
             chat template). Empty: the context is fed again right after itself.
         chunk: context tokens per reconstruction forward (the paper uses 2K).
+        sink: entries at the start of each sequence kept whatever their score.
+        allocation: ``"global"`` (one ranking over every layer and head, the paper's
+            default) or ``"uniform"`` (each head keeps its layer's ``ratio``).
     """
 
     name: ClassVar[str] = "kvzip"
@@ -73,11 +89,22 @@ class KVzip(KVMethod):
     reconstructs: ClassVar[bool] = True
     prompt: tuple[int, ...] = ()
     chunk: int = 2048
+    sink: int = 4
+    allocation: Literal["global", "uniform"] = "global"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0 (entries kept at the start), got {self.sink}")
+        if self.allocation not in ("global", "uniform"):
+            raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.allocation == "global" and not self.per_head:
+            raise ValueError(
+                "allocation='global' ranks every head's entries; per_head=False needs "
+                "allocation='uniform'"
+            )
         if any(t < 0 for t in self.prompt):
             raise ValueError(f"prompt must hold token ids (>= 0), got {self.prompt}")
 
@@ -102,6 +129,49 @@ class KVzip(KVMethod):
             seen = best[..., : a.shape[-1]]
             torch.maximum(seen, a.amax(dim=(2, 3)), out=seen)
         return best
+
+    @property
+    def shares_layers(self) -> bool:
+        return self.allocation == "global"
+
+    def select_layers(
+        self,
+        ctxs: dict[int, KVContext],
+        keeps: dict[int, Tensor],
+        forced: dict[int, Tensor | None] | None = None,
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """The global allocation: the top ``Σ_l H · keeps[l]`` scores over every layer and
+        head of each sample (ties go to the earlier layer, head, entry)."""
+        if not self.shares_layers:
+            return super().select_layers(ctxs, keeps, forced)
+        forced = forced or {}
+        flat, shapes, total = [], [], 0
+        for i, ctx in ctxs.items():
+            valid = ctx.valid[:, None, :]
+            s = self.score(ctx).float().nan_to_num(nan=-3e38, posinf=3e38, neginf=-3e38)
+            s = s.masked_fill(~valid, -math.inf)
+            must = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.argmax(-1, True), True)
+            for f in (self.must_keep(ctx, keeps[i]), forced.get(i)):
+                if f is not None:
+                    must |= f
+            flat.append(torch.where(must & valid, math.inf, s).flatten(1))
+            shapes.append(s.shape)
+            total = total + torch.minimum(keeps[i].to(s.device), ctx.counts) * s.shape[1]
+        scores = torch.cat(flat, 1)
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+        )
+        chosen = (rank < total[:, None]).split([math.prod(x[1:]) for x in shapes], 1)
+        return {
+            i: ragged_index(c.view(shape) & ctx.valid[:, None, :])
+            for (i, ctx), c, shape in zip(ctxs.items(), chosen, shapes, strict=True)
+        }
+
+    def must_keep(self, ctx: KVContext, keep: Tensor) -> Tensor | None:
+        if not self.sink:
+            return None
+        return (ctx.position < self.sink) & ctx.valid[:, None, :]
 
     def score(self, ctx: KVContext) -> Tensor:
         s = ctx.stats.get(RECONSTRUCTION)

@@ -198,6 +198,26 @@ def test_kvzip_global_allocation_keeps_the_top_scores_of_the_whole_cache():
         assert all(set(real[:3]) <= held[b, i, h] for i in range(depth) for h in range(hk))
 
 
+@torch.no_grad()
+def test_kvzip_global_ranking_leaves_out_the_layers_its_reconstruction_cannot_score():
+    """Gemma 3's sliding layers (window 12) drop entries during the reconstruction forwards,
+    so they are ranked by recency. Those scores are positions, not attention: they must not
+    compete in the global ranking. The sliding layers keep their own budget (sink + most
+    recent), and the full layers share theirs."""
+    model = tiny("gemma3")
+    ids, mask, _ = batch((10, 8), n=10)
+    method = get_method("kvzip", ratio=0.5, prompt=(9, 8), chunk=16, sink=1)
+    with tm.patched(model, method):
+        cache = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
+    keep = {0: 5, 1: 4}  # round(10 / 2), round(8 / 2)
+    for b, first in ((0, 0), (1, 2)):
+        for layer in (0, 2):  # sliding: the sink and the most recent, per head
+            for idx in cache.index[layer][b]:
+                assert idx[idx >= 0].tolist() == [first, *range(11 - keep[b], 10)]
+        held = sum(int((cache.index[i][b] >= 0).sum()) for i in (1, 3))
+        assert held == 2 * 2 * keep[b]  # the full layers' budget, shared
+
+
 def test_kvzip_and_adakv_are_refused_where_they_cannot_work():
     model = tiny("llama")
     ids, mask, _ = batch((40, 29))

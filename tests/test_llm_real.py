@@ -114,6 +114,52 @@ def test_h2o_keeps_what_the_eager_attention_weights_choose(lm):
 
 
 @torch.inference_mode()
+def test_kvzip_keeps_the_top_reconstruction_attention_of_the_whole_cache(lm):
+    """KVzip on real weights and text, against the paper's definition from the model's own
+    eager attention over ``context ⊕ prompt ⊕ context``: ``S_{l,h,j}`` the most attention
+    entry ``j`` receives from a reconstruction query of KV head ``h``'s group, and the kept
+    set the top ``Σ_l H · k`` of all layers and heads, the first 4 tokens and each head's best
+    entry first. Entries on which the two computations disagree must be ties at the threshold
+    (scores within rounding of it)."""
+    from tokenmerge.eval import llm
+    from tokenmerge.methods.kv.kvzip import kvzip_prompt
+
+    model, tok = lm
+    ids = llm.make_trials(tok, [512], 1, ["mobydick"], 8)[0].context
+    n, prompt = ids.shape[1], kvzip_prompt(tok)
+    with tm.patched(model, get_method("kvzip", ratio=0.75, prompt=prompt)):
+        cache = hd.cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    full = torch.cat([ids, torch.tensor([prompt]), ids], 1)
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(input_ids=full, output_attentions=True, logits_to_keep=1).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    hk = model.config.num_key_value_heads
+    groups = model.config.num_attention_heads // hk
+    scores = torch.stack([a[0, :, n:, :n].float().amax(1).view(hk, groups, n).amax(1)
+                          for a in attentions])  # [layers, H_kv, n]  # fmt: skip
+    first = torch.zeros_like(scores, dtype=torch.bool)
+    first[..., :4] = True
+    first.scatter_(-1, scores.argmax(-1, keepdim=True), True)
+    ranked = torch.where(first, torch.inf, scores).flatten()
+    budget = scores.shape[0] * hk * (n - round(0.75 * n))
+    threshold = float(ranked.sort(descending=True).values[budget - 1])
+    want = torch.zeros_like(ranked, dtype=torch.bool)
+    want[ranked.argsort(descending=True, stable=True)[:budget]] = True
+    got = torch.zeros_like(scores, dtype=torch.bool)
+    for i, idx in cache.index.items():
+        got[i].scatter_(-1, idx[0].clamp_min(0), idx[0] >= 0)
+    assert int(got.sum()) == budget
+    differ = got.flatten() != want
+    assert int(differ.sum()) <= budget // 1000, int(differ.sum())
+    assert torch.allclose(ranked[differ], torch.tensor(threshold), atol=1e-5)
+    assert bool(got[..., :4].all())  # the sink, in every layer and head
+    per_layer = got.sum((1, 2))
+    assert int(per_layer.max()) > int(per_layer.min())  # layers do spend different budgets
+
+
+@torch.inference_mode()
 def test_real_model_full_budget_is_bit_identical(lm):
     model, tok = lm
     ids = tok(["The capital of Italy is", "Call me Ishmael. Some years ago"], padding=True,

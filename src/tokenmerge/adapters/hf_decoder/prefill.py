@@ -19,7 +19,7 @@ from .cache import ReducedCache, _evict
 from .compat import cache_arg
 from .forward import _OBSERVER, _PLAN, _Plan
 from .kvsite import hold_budget
-from .reconstruct import _recency, reconstruction_scores, with_scores
+from .reconstruct import reconstruction_scores, with_scores
 
 
 def _budget(value: Any, batch: int, device: torch.device) -> Tensor:
@@ -236,7 +236,7 @@ def compress(
             ctx = copy.copy(ctx)
             ctx.stats = {**ctx.stats, **method.update_stats(ctx)}
         if scores is not None:
-            ctx = with_scores(copy.copy(ctx), scores.get(i, _recency(ctx)))
+            ctx = with_scores(copy.copy(ctx), scores)
         counts = ctx.counts
         keep = method.keep(counts, i, depth)
         hold_budget(cache, method, i, counts, keep, depth)

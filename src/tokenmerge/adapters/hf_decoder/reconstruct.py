@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ...methods.kv import RECONSTRUCTION, KVContext, KVMethod
+from ...methods.kv import RECENCY, RECONSTRUCTION, KVContext, KVMethod
 from .cache import ReducedCache, fork_cache
 from .forward import _OBSERVER, _PLAN, _Forward, _Plan
 
@@ -105,10 +105,14 @@ def reconstruction_scores(
     return scores
 
 
-def with_scores(ctx: KVContext, scores: Tensor) -> KVContext:
-    """``ctx`` with its entries' reconstruction scores (``scores`` by original index)."""
-    s = scores.gather(2, ctx.index.clamp_min(0)).masked_fill(ctx.index < 0, 0.0)
-    ctx.stats = {**ctx.stats, RECONSTRUCTION: s}
+def with_scores(ctx: KVContext, scores: dict[int, Tensor]) -> KVContext:
+    """``ctx`` with its entries' reconstruction scores (``scores[layer]`` by original
+    index), or, at a layer the reconstruction did not see, their recency (:data:`RECENCY`)."""
+    by_index = scores.get(ctx.layer)
+    key = RECONSTRUCTION if by_index is not None else RECENCY
+    by_index = by_index if by_index is not None else _recency(ctx)
+    s = by_index.gather(2, ctx.index.clamp_min(0)).masked_fill(ctx.index < 0, 0.0)
+    ctx.stats = {**ctx.stats, key: s}
     return ctx
 
 
@@ -127,6 +131,6 @@ def score_by_reconstruction(rt: _Runtime, run: _Forward) -> None:
     scores = reconstruction_scores(
         rt, run.cache, run.inputs, run.input_valid, kv, position_ids=run.position_ids
     )
-    ctxs = {i: with_scores(ctx, scores.get(i, _recency(ctx))) for i, ctx in run.deferred.items()}
+    ctxs = {i: with_scores(ctx, scores) for i, ctx in run.deferred.items()}
     rt._evict_layers(ctxs, run, run.plan)
     run.deferred.clear()

@@ -214,7 +214,7 @@ class Runner:
         scores = memo[id(full)]
         if set(ctxs) - set(scores):  # a layer the reconstruction did not see: the full path
             return hd.compress(hd.fork_cache(full), ctxs, method, model=self.model, input_ids=ids)
-        scored = {i: with_scores(copy.copy(c), scores[i]) for i, c in ctxs.items()}
+        scored = {i: with_scores(copy.copy(c), scores) for i, c in ctxs.items()}
         return hd.compress(hd.fork_cache(full), scored, _prescored(method))
 
     # -------------------------------------------------------------- measurements

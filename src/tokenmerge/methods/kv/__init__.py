@@ -47,7 +47,7 @@ window and are left alone.
 """
 
 from .adakv import AdaKV
-from .base import RECONSTRUCTION, KVContext, KVMethod, QueryFn, select_entries
+from .base import RECENCY, RECONSTRUCTION, KVContext, KVMethod, QueryFn, select_entries
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
@@ -75,6 +75,7 @@ KV_SCORERS: tuple[str, ...] = (
 __all__ = [
     "H2O",
     "KV_SCORERS",
+    "RECENCY",
     "RECONSTRUCTION",
     "TOVA",
     "AdaKV",

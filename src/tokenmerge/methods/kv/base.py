@@ -21,6 +21,9 @@ from ..base import Method
 QueryFn = Callable[[int, int], Tensor]
 #: the stats entry that holds the scores of forwards after the prefill (KVzip)
 RECONSTRUCTION = "reconstruction"
+#: the stats entry that stands in for them at a layer those forwards could not score (a
+#: sliding-window layer): the entries' recency, which ranks within that layer only
+RECENCY = "recency"
 
 
 # --------------------------------------------------------------------------------------------

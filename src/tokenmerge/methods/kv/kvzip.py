@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..base import register
-from .base import RECONSTRUCTION, KVContext, KVMethod, ragged_index
+from .base import RECENCY, RECONSTRUCTION, KVContext, KVMethod, ragged_index
 
 #: the instruction of KVzip's reconstruction prompt
 REPEAT = "Repeat the previous context exactly."
@@ -145,6 +145,10 @@ class KVzip(KVMethod):
         if not self.shares_layers:
             return super().select_layers(ctxs, keeps, forced)
         forced = forced or {}
+        # a layer the reconstruction could not score (sliding window) ranks by itself
+        unseen = {i: c for i, c in ctxs.items() if RECONSTRUCTION not in c.stats}
+        out = super().select_layers(unseen, keeps, forced)
+        ctxs = {i: c for i, c in ctxs.items() if i not in unseen}
         flat, shapes, total = [], [], 0
         for i, ctx in ctxs.items():
             valid = ctx.valid[:, None, :]
@@ -163,10 +167,9 @@ class KVzip(KVMethod):
             -1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order)
         )
         chosen = (rank < total[:, None]).split([math.prod(x[1:]) for x in shapes], 1)
-        return {
-            i: ragged_index(c.view(shape) & ctx.valid[:, None, :])
-            for (i, ctx), c, shape in zip(ctxs.items(), chosen, shapes, strict=True)
-        }
+        for (i, ctx), c, shape in zip(ctxs.items(), chosen, shapes, strict=True):
+            out[i] = ragged_index(c.view(shape) & ctx.valid[:, None, :])
+        return out
 
     def must_keep(self, ctx: KVContext, keep: Tensor) -> Tensor | None:
         if not self.sink:
@@ -174,7 +177,7 @@ class KVzip(KVMethod):
         return (ctx.position < self.sink) & ctx.valid[:, None, :]
 
     def score(self, ctx: KVContext) -> Tensor:
-        s = ctx.stats.get(RECONSTRUCTION)
+        s = ctx.stats.get(RECONSTRUCTION, ctx.stats.get(RECENCY))
         if s is None:
             raise RuntimeError(
                 "kvzip scores come from forwards after the prefill: run the prefill on a model "

@@ -189,6 +189,11 @@ def test_agnostic_only_runs_no_query_aware_prefill(tok, synthetic_corpora):
     )
     md = L.markdown(one.cfg, result, provenance(0))
     assert "needle (aware)" not in md and "ppl ratio (agnostic)" in md and "not run" in md
+    # nothing timed: the scoring cost is stated at the trial's own length
+    n = trial.context.shape[1]
+    assert f"costs for a {n}-token context" in md
+    kvzip = next(r for r in result["rows"] if r["method"] == "kvzip")
+    assert kvzip["extra_forwards"] == one.method("kvzip", 2.0).extra_forwards(n) > 0
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from ...methods import REGISTRY
 from ...methods.kv.kvzip import kvzip_prompt
 from .measure import Acc, mean, ppl_ratio, proportion
 from .parallel import run_trials
+from .report import cost_context
 from .runner import TASKS, LLMBenchConfig, Runner
 from .trials import Trial, make_trials, spread
 
@@ -116,8 +117,13 @@ def summarize(
     from .. import report
 
     b = r.base
-    # the cost of scoring at the timed length, else at the longest context of the trials
-    cost_ctx = speed_ctx or max((t.context.shape[1] for t in trials), default=0)
+    info = [
+        {"corpus": t.corpus, "length": t.length, "depth": round(t.depth, 4), "key": t.key,
+         "context": t.context.shape[1], "answer": ans, "correct": ok}
+        for t, ans, ok in zip(trials, b.answers or [None] * len(trials),
+                              b.agnostic or [None] * len(trials), strict=True)
+    ]  # fmt: skip
+    cost_ctx = cost_context(speed_ctx, info)
     ppl = lambda nll, n: math.exp(sum(nll) / sum(n)) if n and sum(n) else None  # noqa: E731
     base = _needle(b) | {
         "ppl": ppl(b.nll, b.tokens),
@@ -166,12 +172,6 @@ def summarize(
     order = {m: i for i, m in enumerate(cfg.methods)}
     modes = {"oneshot": 0, "chunked": 1, "prefill": 2}
     rows.sort(key=lambda x: (order[x["method"]], modes[x["prefill_mode"]], x["factor"]))
-    info = [
-        {"corpus": t.corpus, "length": t.length, "depth": round(t.depth, 4), "key": t.key,
-         "context": t.context.shape[1], "answer": ans, "correct": ok}
-        for t, ans, ok in zip(trials, b.answers or [None] * len(trials),
-                              b.agnostic or [None] * len(trials), strict=True)
-    ]  # fmt: skip
     return {
         "rows": rows,
         "base": base,
@@ -179,6 +179,5 @@ def summarize(
         "memory": memory,
         "trials": info,
         "speed_context": speed_ctx,
-        "cost_context": cost_ctx,
         "method_params": cfg.method_params,  # with the prompts built from the tokenizer
     }

@@ -15,6 +15,14 @@ MEASURES = (
     ("ppl_ratio", "perplexity (query-agnostic)", False),
     ("ppl_ratio_aware", "perplexity (query-aware)", False),
 )
+
+
+def cost_context(speed_context: int, trials: list[dict[str, Any]]) -> int:
+    """The context length at which a row states its scoring cost (extra forwards): the
+    timed one, else the longest context of the trials."""
+    return speed_context or max((t["context"] for t in trials), default=0)
+
+
 COLUMNS: list[tuple[str | tuple[str, str], str]] = [
     ("method", "method"),
     ("budget", "budget"),
@@ -161,11 +169,11 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
             else ""
         )
         + "; extra forwards = forwards after the prefill that the method's scoring costs "
-        f"for a {result.get('cost_context', result['speed_context'])}-token context (KVzip's "
+        f"for a {cost_context(result['speed_context'], result['trials'])}-token context (KVzip's "
         "context reconstruction); decode "
         "speed = reduced / uncompressed tokens per second (> 1 is faster; measured per "
-        "configuration where the method changes decoding, TOVA, AdaKV and decoder methods, "
-        "else per ratio). "
+        "configuration where the method changes decoding, TOVA, AdaKV, KVzip and decoder "
+        "methods, else per ratio). "
         + (
             f"Chunked prefill: {cfg.chunk}-token chunks, {cfg.window} stabilising tokens (not "
             "for KVzip and AdaKV, which chunked prefill refuses). "

@@ -103,8 +103,10 @@ class AdaKV(KVMethod):
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         kv = sorted(n for n, c in REGISTRY.items() if issubclass(c, KVMethod))
         cls = REGISTRY.get(self.scorer)
-        if cls is None or not issubclass(cls, KVMethod) or cls.ragged:
-            choices = [n for n in kv if not REGISTRY[n].ragged]
+        # a class that is always ragged is a wrapper like this one (KVzip is ragged only
+        # under its own global ranking, which adakv replaces)
+        if cls is None or not issubclass(cls, KVMethod) or cls.ragged is True:
+            choices = [n for n in kv if REGISTRY[n].ragged is not True]
             raise ValueError(f"adakv wraps a KV scorer; got scorer={self.scorer!r}, choose from "
                              f"{choices}")  # fmt: skip
         if cls.decode_evict:

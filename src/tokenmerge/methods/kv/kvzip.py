@@ -134,6 +134,10 @@ class KVzip(KVMethod):
     def shares_layers(self) -> bool:
         return self.allocation == "global"
 
+    @property
+    def ragged(self) -> bool:  # type: ignore[override]
+        return self.shares_layers  # the global ranking leaves heads with different numbers
+
     def select_layers(
         self,
         ctxs: dict[int, KVContext],

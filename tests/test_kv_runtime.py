@@ -94,6 +94,7 @@ def _patched_continuation(model, method, ids, mask, cont):
         dict(name="adakv", scorer="kvzip", scorer_params={"prompt": (5, 6, 7), "chunk": 16}),
         dict(name="kvzip", prompt=(5, 6, 7), chunk=16),
         dict(name="kvzip", prompt=(5, 6, 7), chunk=16, allocation="uniform", sink=0),
+        dict(name="kvzip", prompt=(5, 6, 7), chunk=16, per_head=False),
         dict(name="snapkv", window=4, layer_budget="pyramid"),
         dict(name="h2o", stride=3),
     ],
@@ -196,6 +197,22 @@ def test_kvzip_global_allocation_keeps_the_top_scores_of_the_whole_cache():
         counts = {len(held[b, i, h]) for i in range(depth) for h in range(hk)}
         assert len(counts) > 1  # layers and heads do keep different numbers
         assert all(set(real[:3]) <= held[b, i, h] for i in range(depth) for h in range(hk))
+    # per_head=False: one ranking of (layer, entry) by head-averaged score
+    shared = get_method("kvzip", ratio=0.6, prompt=(9, 8), chunk=16, sink=3, per_head=False)
+    with tm.patched(model, shared):
+        cache = hd.cache_of(model(ids, attention_mask=mask, use_cache=True))
+    for b in range(2):
+        real = mask[b].nonzero().flatten().tolist()
+        ranked = []
+        for i in range(depth):
+            s = {j: float(scores[i][b, :, j].mean()) for j in real}
+            best = max(real, key=lambda j: (s[j], -j))
+            ranked += [((0 if j in real[:3] or j == best else 1), -s[j], i, j) for j in real]
+        want = {(i, j) for _, _, i, j in sorted(ranked)[: depth * round(len(real) * 0.4)]}
+        for i in range(depth):
+            heads = [set(x[x >= 0].tolist()) for x in cache.index[i][b]]
+            assert all(h == heads[0] for h in heads)  # the heads keep the same entries
+            assert heads[0] == {j for li, j in want if li == i}, (b, i)
 
 
 @torch.no_grad()
@@ -235,7 +252,6 @@ def test_kvzip_and_adakv_are_refused_where_they_cannot_work():
         (dict(prompt=(-1,)), "token ids"),
         (dict(sink=-1), "sink"),
         (dict(allocation="layer"), "allocation"),
-        (dict(per_head=False), "per_head=False needs"),
     ):
         with pytest.raises(ValueError, match=match):
             get_method("kvzip", ratio=0.5, **bad)

@@ -289,3 +289,21 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
     assert (tmp_path / "t.md").read_text() == md
     with pytest.raises(SystemExit, match="not a saved bench result"):
         main(["report", str(tmp_path / "t.md")])
+
+
+@torch.no_grad()
+def test_a_speed_only_run_reports_every_timed_configuration(tok, synthetic_corpora):
+    """``--tasks speed`` alone: no trial ran, yet every configuration gets its row with its
+    prefill time and decode speed (KVzip's ragged cache decoded on its own)."""
+    model = tiny_lm(len(tok))
+    cfg = _cfg(methods=("snapkv", "kvzip"), factors=(2.0,), tasks=frozenset({"speed"}),
+               chunked=False, timing_runs=1, decode_tokens=2, speed_length=64)  # fmt: skip
+    r = L.Runner(cfg, model, tok, lambda k: None)
+    st = L.make_trials(tok, [cfg.speed_length], 1, cfg.corpora[:1], 1, cfg.seed + 1)[0]
+    result = L.summarize(cfg, r, [], r.speed(st), st.context.shape[1], [])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"snapkv", "kvzip"}
+    for row in rows.values():
+        assert row["prefill_ratio"] > 0 and row["decode_ratio"] > 0 and row["trials"] == 0
+        assert row["needle_agnostic"] is None and row["ppl_ratio"] is None
+    assert rows["kvzip"]["extra_forwards"] == math.ceil(st.context.shape[1] / 32)

@@ -130,7 +130,10 @@ def summarize(
         "ppl_aware": ppl(b.nll_aware, b.tokens_aware),
     }
     rows = []
-    for (name, f, mode), a in r.accs.items():
+    # a configuration only timed (no needle or perplexity task) still gets its row
+    timed = speed["prefill"] if speed is not None else {}
+    accs = {**{k: Acc() for k in timed}, **r.accs}
+    for (name, f, mode), a in accs.items():
         m = r.method(name, f)
         ratio, ratio_se = ppl_ratio(a.nll, a.tokens, b.nll, b.tokens)
         aware, aware_se = ppl_ratio(a.nll_aware, a.tokens_aware, b.nll_aware, b.tokens_aware)

@@ -100,11 +100,6 @@ class KVzip(KVMethod):
             raise ValueError(f"sink must be >= 0 (entries kept at the start), got {self.sink}")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
-        if self.allocation == "global" and not self.per_head:
-            raise ValueError(
-                "allocation='global' ranks every head's entries; per_head=False needs "
-                "allocation='uniform'"
-            )
         if any(t < 0 for t in self.prompt):
             raise ValueError(f"prompt must hold token ids (>= 0), got {self.prompt}")
 
@@ -145,7 +140,9 @@ class KVzip(KVMethod):
         forced: dict[int, Tensor | None] | None = None,
     ) -> dict[int, tuple[Tensor, Tensor]]:
         """The global allocation: the top ``Σ_l H · keeps[l]`` scores over every layer and
-        head of each sample (ties go to the earlier layer, head, entry)."""
+        head of each sample (ties go to the earlier layer, head, entry). With ``per_head=False``
+        the (layer, entry) pairs are ranked by their head-averaged score instead, and the
+        heads of a layer keep the same entries (``Σ_l k_l`` of them)."""
         if not self.shares_layers:
             return super().select_layers(ctxs, keeps, forced)
         forced = forced or {}
@@ -157,11 +154,13 @@ class KVzip(KVMethod):
         for i, ctx in ctxs.items():
             valid = ctx.valid[:, None, :]
             s = self.score(ctx).float().nan_to_num(nan=-3e38, posinf=3e38, neginf=-3e38)
+            if not self.per_head:  # the heads of a layer keep the same entries
+                s = s.mean(1, keepdim=True)
             s = s.masked_fill(~valid, -math.inf)
             must = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.argmax(-1, True), True)
             for f in (self.must_keep(ctx, keeps[i]), forced.get(i)):
                 if f is not None:
-                    must |= f
+                    must |= f.any(1, keepdim=True) if not self.per_head else f
             flat.append(torch.where(must & valid, math.inf, s).flatten(1))
             shapes.append(s.shape)
             total = total + torch.minimum(keeps[i].to(s.device), ctx.counts) * s.shape[1]
@@ -172,7 +171,8 @@ class KVzip(KVMethod):
         )
         chosen = (rank < total[:, None]).split([math.prod(x[1:]) for x in shapes], 1)
         for (i, ctx), c, shape in zip(ctxs.items(), chosen, shapes, strict=True):
-            out[i] = ragged_index(c.view(shape) & ctx.valid[:, None, :])
+            heads = ctx.keys.shape[1]
+            out[i] = ragged_index(c.view(shape).expand(-1, heads, -1) & ctx.valid[:, None, :])
         return out
 
     def must_keep(self, ctx: KVContext, keep: Tensor) -> Tensor | None:

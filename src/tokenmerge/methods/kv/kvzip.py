@@ -58,8 +58,8 @@ class KVzip(KVMethod):
     kept set is the top-``B`` of ``{S^{(l)}_{h,j}}``, so layers and heads whose
     reconstruction attention is concentrated give budget to those where it is spread; heads
     then hold different numbers of entries (masked per head, as for ``adakv``).
-    ``allocation="uniform"`` keeps ``k_l`` per head instead (the paper's "uniform head
-    budget" ablation). The first ``sink`` entries of each sequence are kept whatever their
+    ``allocation="uniform"`` keeps ``k_l`` per head instead (the ``pair-uniform`` level of
+    the paper's code). The first ``sink`` entries of each sequence are kept whatever their
     score, as the paper keeps the system prompt (kvpress keeps 4): some heads of some models
     (Qwen2.5) pay the attention sink little attention during the reconstruction, yet
     evicting it ruins them. Under the global allocation every head also keeps its best

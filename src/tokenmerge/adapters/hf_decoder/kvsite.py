@@ -140,7 +140,7 @@ class _KVSite:
             run.evicted[i] = index.shape[-1]
             heads = index.shape[1]
             got = (slot_valid if ragged else slot_valid[:, None]).sum((1, 2))
-            want = torch.minimum(keep, ctxs[i].counts) * (heads if ragged else 1)
+            want = keep * (heads if ragged else 1)  # keep is at most the real entries
             if shared:
                 got_all, want_all = got_all + got, want_all + want
             else:

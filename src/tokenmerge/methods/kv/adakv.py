@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..base import REGISTRY, register
-from .base import KVContext, KVMethod, ragged_index
+from .base import KVContext, KVMethod, ragged_index, rank_of, ranks
 
 
 def adaptive_select(
@@ -40,12 +40,6 @@ def adaptive_select(
         s = torch.where(forced, torch.full_like(s, math.inf), s)
     s = s.masked_fill(~valid[:, None, :], -math.inf)
 
-    def ranks(x: Tensor) -> Tensor:
-        """Rank of every element along the last dim (0 = best)."""
-        order = x.argsort(dim=-1, descending=True, stable=True)
-        pos = torch.arange(x.shape[-1], device=device).expand_as(order)
-        return torch.empty_like(order).scatter_(-1, order, pos)
-
     guard = torch.floor(keep.double() * alpha).long()
     own = ranks(s)  # rank within the head
     base = (own < guard[:, None, None]) & valid[:, None, :]
@@ -54,9 +48,7 @@ def adaptive_select(
     # global order: score, then the rank within the head (two stable sorts)
     by_rank = own.flatten(1).argsort(dim=-1, stable=True)
     by_score = rest.gather(1, by_rank).argsort(dim=-1, descending=True, stable=True)
-    order = by_rank.gather(1, by_score)
-    pos = torch.arange(h * l, device=device).expand_as(order)
-    global_rank = torch.empty_like(order).scatter_(-1, order, pos).view(b, h, l)
+    global_rank = rank_of(by_rank.gather(1, by_score)).view(b, h, l)
     chosen = base | (global_rank < quota[:, None, None]) & valid[:, None, :]
     return ragged_index(chosen)
 

@@ -26,6 +26,19 @@ RECONSTRUCTION = "reconstruction"
 RECENCY = "recency"
 
 
+def rank_of(order: Tensor) -> Tensor:
+    """The rank of every element along the last dim (0 = first) from ``order``, the
+    permutation that sorts them: its inverse."""
+    pos = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, pos)
+
+
+def ranks(x: Tensor) -> Tensor:
+    """The rank of every element of ``x`` along the last dim (0 = the largest; ties go to
+    the earlier element)."""
+    return rank_of(x.argsort(dim=-1, descending=True, stable=True))
+
+
 # --------------------------------------------------------------------------------------------
 # What a scorer sees
 # --------------------------------------------------------------------------------------------
@@ -202,10 +215,7 @@ class KVContext:
     def recent(self, n: Tensor | int) -> Tensor:
         """``[B, H_kv, L]`` bool: the ``n`` (per sample) most recent real entries of each head."""
         idx = self.index.masked_fill(~self.valid[:, None, :], -1)
-        order = idx.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            -1, order, torch.arange(self.length, device=idx.device).expand_as(order)
-        )
+        rank = ranks(idx)
         n_t = torch.as_tensor(n, device=idx.device).reshape(-1, 1, 1)
         return (rank < n_t) & self.valid[:, None, :]
 

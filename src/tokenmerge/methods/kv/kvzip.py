@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..base import register
-from .base import RECENCY, RECONSTRUCTION, KVContext, KVMethod, ragged_index
+from .base import RECENCY, RECONSTRUCTION, KVContext, KVMethod, ragged_index, ranks
 
 #: the instruction of KVzip's reconstruction prompt
 REPEAT = "Repeat the previous context exactly."
@@ -164,12 +164,9 @@ class KVzip(KVMethod):
             flat.append(torch.where(must & valid, math.inf, s).flatten(1))
             shapes.append(s.shape)
             total = total + torch.minimum(keeps[i].to(s.device), ctx.counts) * s.shape[1]
-        scores = torch.cat(flat, 1)
-        order = scores.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            -1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+        chosen = (ranks(torch.cat(flat, 1)) < total[:, None]).split(
+            [math.prod(x[1:]) for x in shapes], 1
         )
-        chosen = (rank < total[:, None]).split([math.prod(x[1:]) for x in shapes], 1)
         for (i, ctx), c, shape in zip(ctxs.items(), chosen, shapes, strict=True):
             heads = ctx.keys.shape[1]
             out[i] = ragged_index(c.view(shape).expand(-1, heads, -1) & ctx.valid[:, None, :])

@@ -77,7 +77,7 @@ def _ea_context(offset=(0, 5)):
     rows = [_rope(torch.arange(ctx.length) + o) for o in offset]
     query_rope = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
     ctx = dataclasses.replace(
-        ctx, raw_query_fn=lambda s, e: raw[:, :, s:e], rope_fn=_rope, query_rope=query_rope,
+        ctx, raw_query_fn=lambda rows: raw[:, :, rows], rope_fn=_rope, query_rope=query_rope,
         _memo={},
     )  # fmt: skip
     return ctx, raw

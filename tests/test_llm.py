@@ -202,7 +202,7 @@ def _context(seed: int = 0, b: int = 2, hkv: int = 2, groups: int = 2, n: int = 
         layer=3, keys=keys, values=torch.randn(b, hkv, n, d, generator=g), index=index,
         valid=valid, position=position, n_new=n, scale=d**-0.5, groups=groups,
         query_index=torch.arange(n).expand(b, n), query_valid=valid,
-        query_fn=lambda s, e: queries[:, :, s:e],
+        query_fn=lambda rows: queries[:, :, rows],
     )  # fmt: skip
     return ctx, queries
 

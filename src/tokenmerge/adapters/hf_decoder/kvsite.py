@@ -174,11 +174,11 @@ class _KVSite:
         h = kwargs["hidden_states"]
         cos, sin = kwargs["position_embeddings"]
 
-        def query_fn(start: int, stop: int) -> Tensor:
-            return _project(attn, "q", h[:, start:stop], cos[:, start:stop], sin[:, start:stop])
+        def query_fn(rows: slice) -> Tensor:
+            return _project(attn, "q", h[:, rows], cos[:, rows], sin[:, rows])
 
-        def raw_query_fn(start: int, stop: int) -> Tensor:
-            return _project_raw(attn, "q", h[:, start:stop])
+        def raw_query_fn(rows: slice) -> Tensor:
+            return _project_raw(attn, "q", h[:, rows])
 
         stats = dict(cache.stats.get(i, {}))
         return KVContext(

@@ -18,7 +18,7 @@ from ...core.reduction import Reduction
 from ...core.state import Signals, TokenState
 from ..base import Method
 
-QueryFn = Callable[[int, int], Tensor]
+QueryFn = Callable[[slice], Tensor]
 #: the stats entry that holds the scores of forwards after the prefill (KVzip)
 RECONSTRUCTION = "reconstruction"
 #: the stats entry that stands in for them at a layer those forwards could not score (a
@@ -66,8 +66,10 @@ class KVContext:
         stats: running per-entry statistics of stateful methods (e.g. H2O's accumulated
             attention), ``[B, H_kv, L]`` each, aligned with the entries.
         softcap: logit soft-capping of the model (Gemma 2 style), or ``None``.
-        raw_query_fn: pre-RoPE queries (after any q-norm) of the current forward's tokens
-            ``[start, stop)``: ``[B, H, n, d]`` (Expected Attention's statistics).
+        query_fn: post-RoPE queries of the current forward's tokens at a ``slice`` of its
+            positions (``start:stop:step``): ``[B, H, n, d]``; only those rows are projected.
+        raw_query_fn: the same before RoPE (after any q-norm; Expected Attention's
+            statistics).
         rope_fn: this layer's rotary embedding at the given positions ``[T]``: ``(cos, sin)``
             ``[T, d]`` each, so that ``R_p q = q cos_p + rotate_half(q) sin_p``.
         query_rope: ``(cos, sin)`` ``[B, n_new, d]`` with which the current queries were rotated.
@@ -108,7 +110,7 @@ class KVContext:
         n = min(n, self.n_new)
         key = (kind, n)
         if key not in self._memo:
-            self._memo[key] = fn(self.n_new - n, self.n_new)
+            self._memo[key] = fn(slice(self.n_new - n, self.n_new))
         return self._memo[key]
 
     def queries(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,15 +152,17 @@ class KVContext:
     def attention_blocks(
         self, block: int = 256, stride: int = 1
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """The attention of the queries of the current forward, ``block`` queries at a time.
+        """The attention of the queries of the current forward, ``block`` positions at a time.
 
         Yields ``(real, a)`` with ``a [B, H_kv, groups, m, L']``: the probabilities of ``m``
         queries over the first ``L'`` stored entries, the rest of which lie in the future of
         every query of the block (causal blocks are skipped, not computed and masked), and
         ``real [B, m]``, which of those queries are real tokens (rows of padding queries are
         garbage: weight them by ``real``). ``stride > 1`` takes every ``stride``-th query
-        only, counted from the last query back (so left padding does not move the sample).
-        Grouped-query attention is computed per KV head, without repeating the keys.
+        only, counted from the last query back (so left padding does not move the sample);
+        only those queries are projected, and blocks still span ``block`` positions, so the
+        causal skip stays as fine. Grouped-query attention is computed per KV head, without
+        repeating the keys.
         """
         if self.query_fn is None:
             raise RuntimeError("the queries of this forward are not available")
@@ -169,9 +173,10 @@ class KVContext:
         holes = not bool(self.valid.all())
         k_index = self.index[:, 0]  # [B, L]
         first = (self.n_new - 1) % stride if self.n_new else 0
-        for s in range(first, self.n_new, block * stride):
-            e = min(s + block * stride, self.n_new)
-            q = self.query_fn(s, e)[:, :, ::stride].float() * self.scale
+        span = stride * max(1, block // stride)  # positions per block, whole strides
+        for s in range(first, self.n_new, span):
+            e = min(s + span, self.n_new)
+            q = self.query_fn(slice(s, e, stride)).float() * self.scale
             q_idx = self.query_index[:, s:e:stride]
             m, vis = q.shape[2], old + e
             q = q.reshape(b, hk, g * m, d)
@@ -190,7 +195,7 @@ class KVContext:
     def attention_sum(self, block: int = 256, stride: int = 1) -> Tensor:
         """``[B, H, L]``: attention received by each entry, summed over every real query of
         the current forward (every ``stride``-th one), by :meth:`attention_blocks`: blocks
-        of ``block`` queries, causal blocks skipped, so its cost is about one ``QKᵀ`` of the
+        of ``block`` positions, causal blocks skipped, so its cost is about one ``QKᵀ`` of the
         fused attention (divided by ``stride``)."""
         key = ("attn_sum", stride)
         if key not in self._memo:

@@ -247,8 +247,9 @@ def test_kept_mask_reads_ragged_caches_with_empty_slots():
 
 
 def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypatch, tmp_path):
-    from tokenmerge.cli.main import main
+    from tokenmerge.cli.main import build_parser, main
     from tokenmerge.eval import zoo
+    from tokenmerge.eval.llm.cli import config as llm_config
 
     model = tiny_lm(len(tok))
     monkeypatch.setattr(zoo, "load_causal_lm", lambda name: (model, tok))
@@ -258,9 +259,14 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
         "--param", "bench.lengths=96", "--param", "bench.memory_lengths=96",
         "--param", "bench.speed_length=96", "--param", "bench.continuation=32",
         "--param", "bench.decode_tokens=2", "--param", "bench.chunk=32",
-        "--param", "snapkv.window=8", "--param", "kvzip.chunk=32",
+        "--param", "snapkv.window=8", "--param", "kvzip.chunk=32", "--budgets-for", "fastv=4",
     ]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"methods \(snapkv, kvzip, tova, fastv\); got .h2o=4."):
+        main([*argv[:-2], "--budgets-for", "h2o=4"])  # not a benchmarked method
+    ticks = []
+    monkeypatch.setattr("tqdm.tqdm.update", lambda bar, k=1: ticks.append(k))
     assert main(argv) == 0
+    assert sum(ticks) == L.planned_steps(llm_config(build_parser().parse_args(argv)))
     res = json.loads((tmp_path / "t.json").read_text())
     meta = res["meta"]
     assert meta["config"]["trials"] == 2 and meta["config"]["lengths"] == [96]
@@ -270,6 +276,9 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
     modes = {(r["method"], r["prefill_mode"]) for r in res["rows"]}
     assert modes == {("snapkv", "oneshot"), ("snapkv", "chunked"), ("kvzip", "oneshot"),
                      ("tova", "oneshot"), ("tova", "chunked"), ("fastv", "prefill")}  # fmt: skip
+    # --budgets-for: fastv at 4x only, the others at the quick budgets
+    assert {r["factor"] for r in res["rows"] if r["method"] == "fastv"} == {4.0}
+    assert {r["factor"] for r in res["rows"] if r["method"] == "snapkv"} == {2.0, 8.0}
     for r in res["rows"]:
         assert r["trials"] == 2 and r["needle_agnostic_se"] is not None
         assert r["prefill_ratio_lo"] <= r["prefill_ratio"] <= r["prefill_ratio_hi"]

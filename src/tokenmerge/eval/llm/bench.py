@@ -15,7 +15,7 @@ from ...methods.kv.kvzip import kvzip_prompt
 from .measure import Acc, mean, ppl_ratio, proportion
 from .parallel import run_trials
 from .report import cost_context
-from .runner import TASKS, LLMBenchConfig, Runner
+from .runner import TASKS, LLMBenchConfig, Runner, all_factors
 from .trials import Trial, make_trials, spread
 
 
@@ -27,8 +27,8 @@ def _validate(cfg: LLMBenchConfig) -> None:
         if m not in REGISTRY or REGISTRY[m].site not in ("kv", "decoder"):
             llm = sorted(n for n, c in REGISTRY.items() if c.site in ("kv", "decoder"))
             raise ValueError(f"{m!r} is not a KV or decoder method; choose from {llm}")
-    if any(f < 1.0 for f in cfg.factors):
-        raise ValueError(f"compression factors must be >= 1 (2 = 2x), got {cfg.factors}")
+    if any(f < 1.0 for f in all_factors(cfg)):
+        raise ValueError(f"compression factors must be >= 1 (2 = 2x), got {all_factors(cfg)}")
     if cfg.workers < 1:
         raise ValueError(f"workers must be at least 1, got {cfg.workers}")
     if cfg.trials < 1 or not cfg.lengths:

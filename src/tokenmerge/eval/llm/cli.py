@@ -38,6 +38,15 @@ def _ints(v: Any) -> tuple[int, ...]:
     return v if isinstance(v, tuple) else tuple(int(x) for x in str(v).split("/"))
 
 
+def _factors(spec: str, option: str) -> list[float]:
+    try:
+        return [float(b.strip().rstrip("x")) for b in spec.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"{option} for LLMs are compression factors like 2,4,8; got {spec!r}"
+        ) from None
+
+
 def config(args: argparse.Namespace) -> LLMBenchConfig:
     """The run's configuration from the CLI arguments."""
     from ...cli.main import parse_params
@@ -57,12 +66,16 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
     for m in methods:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
-    try:
-        factors = [float(b.strip().rstrip("x")) for b in (args.budgets or "2,4,8").split(",")]
-    except ValueError:
-        raise SystemExit(
-            f"--budgets for LLMs are compression factors like 2,4,8; got {args.budgets!r}"
-        ) from None
+    factors = _factors(args.budgets or "2,4,8", "--budgets")
+    per_method: dict[str, list[float]] = {}
+    for item in getattr(args, "budgets_for", None) or []:
+        name, sep, rest = item.partition("=")
+        if not sep or name.strip() not in methods:
+            raise SystemExit(
+                f"--budgets-for expects METHOD=F1,F2 with METHOD one of the benchmarked methods "
+                f"({', '.join(methods)}); got {item!r}"
+            )
+        per_method[name.strip()] = _factors(rest, "--budgets-for")
     tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     if set(bench) - set(SETTINGS):
         raise SystemExit(f"unknown bench.* settings {sorted(set(bench) - set(SETTINGS))}; "
@@ -73,6 +86,7 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
         model=args.model,
         methods=methods,
         factors=factors,
+        method_factors=per_method,
         method_params=params,
         corpora=tuple(c.strip() for c in args.dataset.split(",")) if args.dataset else d.corpora,
         lengths=get("lengths", _ints),

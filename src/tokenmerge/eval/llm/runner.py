@@ -40,6 +40,8 @@ class LLMBenchConfig:
     model: str = "smollm2-135m"
     methods: Sequence[str] = KV_SCORERS
     factors: Sequence[float] = (2.0, 4.0, 8.0)
+    #: per-method factors, instead of ``factors`` for those methods (``--budgets-for``)
+    method_factors: dict[str, Sequence[float]] = field(default_factory=dict)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     corpora: Sequence[str] = ("austen", "mobydick", "jargon", "pydocs")
     lengths: Sequence[int] = (1024, 2048)
@@ -68,6 +70,16 @@ class LLMBenchConfig:
     tasks: frozenset[str] = TASKS
 
 
+def factors_of(cfg: LLMBenchConfig, name: str) -> Sequence[float]:
+    """The compression factors method ``name`` runs at."""
+    return cfg.method_factors.get(name, cfg.factors)
+
+
+def all_factors(cfg: LLMBenchConfig) -> list[float]:
+    """Every factor some method runs at, in increasing order."""
+    return sorted({f for m in cfg.methods for f in factors_of(cfg, m)})
+
+
 def ratio_of(factor: float) -> float:
     """Compression factor (2 = 2x) -> fraction removed."""
     return 1.0 - 1.0 / factor
@@ -86,15 +98,18 @@ def chunkable(method: Method) -> bool:
 
 def planned_steps(cfg: LLMBenchConfig) -> int:
     """Progress steps of a run (for the progress bar)."""
-    kv = [m for m in cfg.methods if issubclass(REGISTRY[m], KVMethod)]
-    n_dec = len(cfg.methods) - len(kv)
-    n_chunk = sum(chunkable(make_method(cfg, m, 2.0)) for m in kv) if cfg.chunked else 0
-    f = len(cfg.factors)
+    # configurations per method: its factors, twice for a KV method that also runs chunked
+    runs = 0
+    for m in cfg.methods:
+        twice = issubclass(REGISTRY[m], KVMethod) and cfg.chunked
+        runs += len(factors_of(cfg, m)) * (
+            2 if twice and chunkable(make_method(cfg, m, 2.0)) else 1
+        )
     total = 0
     if cfg.tasks & {"needle", "ppl"}:
-        total += (1 + f * (len(kv) + n_chunk + n_dec)) * len(cfg.lengths) * cfg.trials
+        total += (1 + runs) * len(cfg.lengths) * cfg.trials
     if "speed" in cfg.tasks:
-        total += f * (len(kv) + n_chunk + n_dec + 1)
+        total += runs + len(all_factors(cfg))
     return total + len(cfg.memory_lengths) * ("memory" in cfg.tasks)
 
 
@@ -261,7 +276,7 @@ class Runner:
         pending = []
         for name in self.kv_methods:
             memo: dict = {}
-            for f in cfg.factors:
+            for f in factors_of(cfg, name):
                 m = self.method(name, f)
                 acc = self.acc(name, f, "oneshot")
                 # measured under the method's own patch: TOVA also evicts while decoding
@@ -283,11 +298,11 @@ class Runner:
         if cfg.chunked:
             for name in self.kv_methods:
                 if chunkable(self.method(name, 2.0)):
-                    for f in cfg.factors:
+                    for f in factors_of(cfg, name):
                         self._chunked(trial, name, f, full_bytes)
                         self.tick(1)
         for name in self.dec_methods:
-            for f in cfg.factors:
+            for f in factors_of(cfg, name):
                 self._decoder(trial, name, f, full_bytes)
                 self.tick(1)
 
@@ -382,11 +397,11 @@ class Runner:
 
         full = prefill()  # also the warm-up
         fb = hd.kv_bytes(full)
-        configs = [(m, f, "oneshot") for m in self.kv_methods for f in cfg.factors]
+        configs = [(m, f, "oneshot") for m in self.kv_methods for f in factors_of(cfg, m)]
         if cfg.chunked:
-            configs += [(m, f, "chunked") for m in self.kv_methods for f in cfg.factors
+            configs += [(m, f, "chunked") for m in self.kv_methods for f in factors_of(cfg, m)
                         if chunkable(self.method(m, f))]  # fmt: skip
-        configs += [(m, f, "prefill") for m in self.dec_methods for f in cfg.factors]
+        configs += [(m, f, "prefill") for m in self.dec_methods for f in factors_of(cfg, m)]
         for name, f, mode in configs:
             method = self.method(name, f)
             ratios, red = timed(chunked if mode == "chunked" else prefill, method)
@@ -398,7 +413,7 @@ class Runner:
             if own:
                 out["decode"][name, f, mode] = self._decode_ratio(full, red, method)
             self.tick(1)
-        for f in cfg.factors:  # every other KV cache decodes at the speed of its size
+        for f in all_factors(cfg):  # every other KV cache decodes at the speed of its size
             method = get_method("knorm", ratio=ratio_of(f))
             with patched(model, method):
                 red = prefill()

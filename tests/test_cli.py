@@ -20,12 +20,25 @@ def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--name", "q"]) == 0
     res = json.loads((tmp_path / "q.json").read_text())
     assert {"versions", "seed", "machine", "command"} <= set(res["meta"])
-    assert len(res["rows"]) == 2
-    for row in res["rows"]:
+    rows = res["rows"]
+    # ToMe at 2 budgets, then the baselines: random pruning at the same budgets, and
+    # downsampling to 196 and 168 px (2 and 4 patches fewer per side in quick mode)
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("tome", "r=8"), ("tome", "r=16"), ("random", "r=8"), ("random", "r=16"),
+        ("downsample", "196px"), ("downsample", "168px"),
+    ]  # fmt: skip
+    for row in rows:
         assert set(row) >= ROW_KEYS
         assert 0 < row["flops_ratio"] < 1 and row["throughput_ratio"] > 0
         assert len(row["tokens_per_layer"]) == 12
-        assert 0.9 < row["cosine"] <= 1 and 0 <= row["agreement"] <= 1
+        assert 0.5 < row["cosine"] <= 1 and 0 <= row["agreement"] <= 1
+    for row, side in zip(rows[4:], (14, 12), strict=True):
+        assert row["tokens_per_layer"] == [side * side + 1.0] * 12
+        assert "vs_downsample_cosine_p05" not in row
+    for row in rows[:4]:  # set against downsampling where its speed lies in the ladder's range
+        speeds = sorted(r["throughput_ratio"] for r in rows[4:])
+        inside = speeds[0] <= row["throughput_ratio"] <= speeds[-1]
+        assert (row["vs_downsample_cosine_p05"] is not None) == inside
     assert (tmp_path / "q.md").read_text().startswith("# tokenmerge bench")
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
 

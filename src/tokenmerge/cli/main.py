@@ -54,6 +54,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"cannot tell what kind of model {args.model!r} is; pass --kind vision|text|llm"
         )
+    if args.baselines is not None and kind != "vision":
+        raise SystemExit(f"--baselines applies to vision benchmarks, not to {kind} ones")
     module = importlib.import_module(f"tokenmerge.eval.{kind}")
     return module.cli_main(args)
 
@@ -133,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, help="batch size")
     b.add_argument("--timing-runs", type=int, help="interleaved timing pairs (default 5)")
     b.add_argument("--saliency-images", type=int, help="vision: images for saliency (default 64)")
+    b.add_argument(
+        "--baselines",
+        help="vision: baselines run beside the methods, downsample,random (default) or none; "
+        "--budgets-for downsample=182,168 sets the input sides",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="docs/results", help="output folder")
     b.add_argument("--name", help="file stem of the outputs (default: MODEL-BACKEND)")

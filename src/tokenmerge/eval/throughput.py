@@ -8,6 +8,7 @@ machine hits both alike, and the ratio reported is the median of per-pair ratios
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,13 +39,46 @@ class Timing:
         return self.batch_size / self.reduced_s
 
 
-def _time(run: Callable[[nn.Module, torch.Tensor], object], model: nn.Module, x) -> float:
+def _seconds(run: Callable[[], object]) -> float:
     t0 = time.perf_counter()
-    run(model, x)
+    run()
     return time.perf_counter() - t0
 
 
 @torch.inference_mode()
+def interleave(
+    base: Callable[[], object],
+    other: Callable[[], object],
+    batch_size: int,
+    runs: int = 7,
+    warmup: int = 2,
+    between: Callable[[bool], None] | None = None,
+) -> Timing:
+    """Time ``base()`` and ``other()`` alternately (``warmup`` untimed pairs first).
+
+    ``between(True)`` runs before each ``other()`` and ``between(False)`` after it (untimed:
+    patching and unpatching the model)."""
+    switch = between or (lambda on: None)
+    bases, others, ratios = [], [], []
+    for i in range(warmup + runs):
+        tb = _seconds(base)
+        switch(True)
+        try:
+            to = _seconds(other)
+        finally:
+            switch(False)
+        if i >= warmup:
+            bases.append(tb)
+            others.append(to)
+            ratios.append(tb / to)
+    return Timing(
+        batch_size,
+        statistics.median(bases),
+        statistics.median(others),
+        statistics.median(ratios),
+    )
+
+
 def compare(
     model: nn.Module,
     method: Method,
@@ -63,20 +97,19 @@ def compare(
     """
     out = []
     for bs in batch_sizes:
-        x = make_batch(bs)
-        base, red, ratios = [], [], []
-        for i in range(warmup + runs):
-            tb = _time(run, model, x)
-            apply(model, method)
-            try:
-                tr = _time(run, model, x)
-            finally:
-                remove(model)
-            if i >= warmup:
-                base.append(tb)
-                red.append(tr)
-                ratios.append(tb / tr)
-        out.append(
-            Timing(bs, statistics.median(base), statistics.median(red), statistics.median(ratios))
-        )
+        step = functools.partial(run, model, make_batch(bs))
+        out.append(interleave(step, step, bs, runs, warmup, between=toggle(model, method)))
     return out
+
+
+def toggle(model: nn.Module, method: Method) -> Callable[[bool], None]:
+    """``between`` for :func:`interleave`: patch ``model`` with ``method`` (True), remove it
+    (False)."""
+
+    def switch(on: bool) -> None:
+        if on:
+            apply(model, method)
+        else:
+            remove(model)
+
+    return switch

@@ -10,6 +10,10 @@ For each configuration the same images go through the unpatched model and the pa
   (Pearson r and IoU of the top 10% pixels against the unreduced heatmap);
 - measured throughput ratio against the unpatched model (interleaved runs, median);
 - analytic FLOPs ratio and the tokens reached at each layer.
+
+The baselines of :mod:`.baselines` run beside the methods: downsampling (the same images
+fitted to smaller sides, a ladder of input sizes) and random pruning (at the methods' budgets);
+each method's quality is set against downsampling's at the speed the method reached.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import apply, patch_of, remove, state
+from ..adapters import ADAPTERS
+from ..api import patched, state
 from ..core.budget import Budget, budget_label
-from ..methods.base import get_method
+from ..core.flops import CostModel
+from ..methods.base import Method, get_method
 from . import metrics as M
 from . import report
-from .throughput import compare
+from .baselines import BASELINES, downsample_sizes, parse_baselines, versus_downsampling
+from .throughput import Timing, interleave, toggle
 
 QUICK = {"n": 96, "budgets": "8,16", "timing_runs": 3, "saliency_images": 16, "batch_size": 16}
 TASKS = frozenset({"cosine", "knn", "probe", "saliency", "speed"})
@@ -52,6 +59,12 @@ class VisionBenchConfig:
     saliency_images: int = 64
     seed: int = 0
     tasks: frozenset[str] = TASKS
+    #: baselines run beside the methods (:mod:`.baselines`)
+    baselines: Sequence[str] = BASELINES
+    #: downsampling's input sides in pixels (default: ``downsample_steps`` patches fewer per
+    #: side than the model's input)
+    downsample: Sequence[int] | None = None
+    downsample_steps: Sequence[int] = (2, 3, 4, 5, 6)
 
 
 @dataclass
@@ -90,8 +103,17 @@ def _batches(n: int, bs: int) -> list[slice]:
 
 @torch.inference_mode()
 def _forward_all(
-    vm, pixels: torch.Tensor, decoder, n_sal: int, bs: int, patched: bool, tick: Callable
+    vm,
+    pixels: torch.Tensor,
+    decoder,
+    n_sal: int,
+    bs: int,
+    patched: bool,
+    tick: Callable,
+    heat_size: tuple[int, int] | None = None,
 ) -> _Pass:
+    """CLS features, saliency heatmaps (at ``heat_size``, default the input's) and mean token
+    counts of ``pixels``, in batches of ``bs``."""
     cls, heats, counts = [], [], []
     for sl in _batches(len(pixels), bs):
         tok = vm.tokens(pixels[sl])
@@ -102,14 +124,20 @@ def _forward_all(
         if decoder is not None and sl.start < n_sal:
             full = state(vm.model).unmerge(tok) if patched else tok
             patches = full[:, vm.num_prefix_tokens :]
-            heats.append(decoder(patches)[: n_sal - sl.start])
+            heats.append(decoder(patches, out_size=heat_size)[: n_sal - sl.start])
         tick(sl.stop - sl.start)
     tokens = torch.cat(counts).mean(0).tolist() if counts else []
     return _Pass(torch.cat(cls), torch.cat(heats) if heats else None, tokens)
 
 
-def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"rows": [...], "base": {...}}``."""
+def run(
+    cfg: VisionBenchConfig,
+    progress: Callable[[int], None] | None = None,
+    plan: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"rows": [...], "base": {...}}``. ``progress(k)`` is
+    called after every ``k`` images, ``plan(total)`` once the number of images to run is
+    known (after the model is loaded)."""
     from . import zoo
 
     tick = progress or (lambda k: None)
@@ -124,11 +152,35 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
     pixels = vm.preprocess(images)
     n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
     y = torch.as_tensor(labels)
+    configs, ladder = _method_configs(cfg), _downsample_ladder(cfg, vm)
+    if plan is not None:
+        plan(len(pixels) * (1 + len(configs) + len(ladder)))
 
     base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
     knn_base = M.knn_predict(base.cls, y).numpy()
-    configs = [(m, b) for m in cfg.methods for b in cfg.method_budgets.get(m, cfg.budgets)]
-    passes, cal_pixels = [], None
+    cost = _cost_model(vm.model)
+    n0 = _n_tokens(vm)
+
+    def batch_of(x: torch.Tensor, bs: int) -> torch.Tensor:
+        return x[torch.arange(bs) % len(x)]
+
+    full = batch_of(pixels, cfg.batch_size)
+
+    def timed(other: torch.Tensor, toggle: Callable[[bool], None] | None = None) -> Timing | None:
+        """Interleaved timing: the full batch unpatched, against ``other`` (patched by
+        ``toggle``, or smaller images)."""
+        if "speed" not in cfg.tasks:
+            return None
+        return interleave(
+            lambda: vm.tokens(full),
+            lambda: vm.tokens(other),
+            cfg.batch_size,
+            cfg.timing_runs,
+            between=toggle,
+        )
+
+    runs: list[_Config] = []
+    cal_pixels = None
     for name, budget in configs:
         method = get_method(name, r=budget, **cfg.method_params.get(name, {}))
         if hasattr(method, "calibrate"):  # DToMe: thresholds from held-out unlabelled images
@@ -136,21 +188,20 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
                 cal_pixels = vm.preprocess(_calibration_images(cfg))
             with torch.inference_mode():
                 method.calibrate(vm.model, cal_pixels, forward=lambda m, x: vm.tokens(x))
-        apply(vm.model, method)
-        try:
-            passes.append(
-                (
-                    name,
-                    budget,
-                    method,
-                    _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick),
-                    patch_of(vm.model).target.cost,
-                )
-            )
-        finally:
-            remove(vm.model)
+        with patched(vm.model, method):
+            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick)
+        label = budget_label(budget)
+        params = report.method_params(method, label)
+        runs.append(_Config(name, label, params, p, cost.ratio(n0, p.tokens), method))
+    for size in ladder:
+        small = vm.preprocess(images, size=size)
+        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, pixels.shape[-2:])
+        n = _n_tokens(vm, size)
+        p.tokens = [float(n)] * cost.depth
+        flops = cost.flops(n, p.tokens) / cost.flops(n0, [n0] * cost.depth)
+        runs.append(_Config("downsample", f"{size}px", {"size": size}, p, flops, small))
 
-    feats = [base.cls.numpy()] + [p[3].cls.numpy() for p in passes]
+    feats = [base.cls.numpy()] + [c.out.cls.numpy() for c in runs]
     probe_preds = M.probe_predict(feats[0], labels, feats, seed=cfg.seed)
     probe_base = probe_preds[0]
     base_row = {
@@ -159,35 +210,26 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
         "cosine": 1.0,
     }
 
-    def batch_of(bs: int) -> torch.Tensor:
-        idx = torch.arange(bs) % len(pixels)
-        return pixels[idx]
-
     rows = []
-    for (name, budget, method, p, cost), probe in zip(passes, probe_preds[1:], strict=True):
+    for c, probe in zip(runs, probe_preds[1:], strict=True):
+        p = c.out
         knn = M.knn_predict(p.cls, y).numpy()
         cos = M.cosine(p.cls, base.cls)
-        timing = None
-        if "speed" in cfg.tasks:
-            timing = compare(
-                vm.model,
-                method,
-                lambda m, x: vm.tokens(x),
-                batch_of,
-                batch_sizes=[cfg.batch_size],
-                runs=cfg.timing_runs,
-            )[0]
+        if isinstance(c.setup, torch.Tensor):  # downsampling: the smaller images
+            timing = timed(batch_of(c.setup, cfg.batch_size))
+        else:
+            timing = timed(full, toggle(vm.model, c.setup))
         row = {
             "model": cfg.model,
             "backend": cfg.backend,
             "dataset": cfg.dataset,
             "n": len(labels),
-            "method": name,
-            "budget": budget_label(budget),
-            "params": report.method_params(method, budget_label(budget)),
+            "method": c.name,
+            "budget": c.label,
+            "params": c.params,
             "batch_size": cfg.batch_size,
             "tokens_per_layer": [round(t, 1) for t in p.tokens],
-            "flops_ratio": cost.ratio(_n_tokens(vm), p.tokens),
+            "flops_ratio": c.flops_ratio,
             "throughput_ratio": timing and timing.ratio,
             "base_items_per_s": timing and timing.base_items_per_s,
             "items_per_s": timing and timing.reduced_items_per_s,
@@ -212,11 +254,66 @@ def run(cfg: VisionBenchConfig, progress: Callable[[int], None] | None = None) -
             row["saliency_r"] = float(M.pearson(p.heat, base.heat).mean())
             row["saliency_iou"] = float(M.top_iou(p.heat, base.heat).mean())
         rows.append(row)
+    versus_downsampling(rows)
     return {"rows": rows, "base": base_row}
 
 
-def _n_tokens(vm) -> int:
-    return vm.grid * vm.grid + vm.num_prefix_tokens
+def _n_tokens(vm, size: int | None = None) -> int:
+    """Tokens entering the first block for ``size`` px inputs (default: the model's size)."""
+    grid = vm.grid if size is None else size // vm.patch_size
+    return grid * grid + vm.num_prefix_tokens
+
+
+@dataclass
+class _Config:
+    """One row to measure: a method at a budget, or a baseline."""
+
+    name: str
+    label: str  # the budget column
+    params: dict[str, Any]
+    out: _Pass
+    flops_ratio: float
+    setup: Method | torch.Tensor  # the method to patch, or downsampling's smaller images
+
+
+def _method_configs(cfg: VisionBenchConfig) -> list[tuple[str, Budget]]:
+    """(method, budget) pairs: each method at its budgets, then random pruning at the shared
+    budgets when it is a baseline and not already a method."""
+    names = list(cfg.methods)
+    if "random" in cfg.baselines and "random" not in names:
+        names.append("random")
+    return [(m, b) for m in names for b in cfg.method_budgets.get(m, cfg.budgets)]
+
+
+def _sizes(budgets: Sequence[Budget]) -> list[int] | None:
+    """``--budgets-for downsample=182,168``: input sides in pixels."""
+    from ..core.budget import Constant
+
+    if any(not isinstance(b, Constant) for b in budgets):
+        raise SystemExit("downsampling budgets are input sides in pixels, e.g. downsample=182,168")
+    return [b.r for b in budgets] or None
+
+
+def _downsample_ladder(cfg: VisionBenchConfig, vm) -> list[int]:
+    if "downsample" not in cfg.baselines:
+        return []
+    if vm.patch_size is None:
+        raise ValueError(f"{cfg.model} has no known patch size: run it with baselines=()")
+    sizes = cfg.downsample or downsample_sizes(vm.image_size, vm.patch_size, cfg.downsample_steps)
+    too_big = [s for s in sizes if not vm.patch_size <= s < vm.image_size]
+    if too_big:
+        raise ValueError(
+            f"downsampling sizes must lie in [{vm.patch_size}, {vm.image_size}) px, got {too_big}"
+        )
+    return list(sizes)
+
+
+def _cost_model(model: torch.nn.Module) -> CostModel:
+    """The analytic FLOPs model of the adapter that supports ``model``."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter.target(model).cost
+    raise ValueError(f"no tokenmerge adapter supports {type(model).__name__}")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -238,6 +335,13 @@ def cli_main(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
     budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
     per_method = parse_method_budgets(args.budgets_for or [])
+    try:
+        baselines = parse_baselines(args.baselines)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    stray = sorted(set(per_method) - set(methods) - set(baselines))
+    if stray:
+        raise SystemExit(f"--budgets-for names {stray}, which this run does not benchmark")
     tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     cfg = VisionBenchConfig(
         model=args.model,
@@ -253,10 +357,18 @@ def cli_main(args: argparse.Namespace) -> int:
         saliency_images=args.saliency_images or 64,
         seed=args.seed,
         tasks=tasks,
+        baselines=baselines,
+        downsample=_sizes(per_method.pop("downsample", [])),
+        downsample_steps=(2, 4) if args.quick else VisionBenchConfig.downsample_steps,
     )
-    total = cfg.n * (1 + sum(len(per_method.get(m, budgets)) for m in methods))
-    with tqdm(total=total, desc="bench", unit="img", file=sys.stderr) as bar:
-        result = run(cfg, bar.update)
+
+    with tqdm(desc="bench", unit="img", file=sys.stderr) as bar:
+
+        def plan(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        result = run(cfg, bar.update, plan)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"
@@ -284,6 +396,8 @@ def cli_main(args: argparse.Namespace) -> int:
         (("agreement", "agreement_se"), "probe agree"),
         ("saliency_r", "saliency r"),
         ("saliency_iou", "top-10% IoU"),
+        ("vs_downsample_cosine_p05", "cos p05 vs downsampling"),
+        ("vs_downsample_agreement", "probe agree vs downsampling"),
         ("tokens_per_layer", "tokens after each layer"),
     ]
     b = result["base"]
@@ -292,6 +406,15 @@ def cli_main(args: argparse.Namespace) -> int:
         f"Unreduced: k-NN {b['knn_acc']:.3f}, probe {b['probe_acc']:.3f}. Speed-up is the "
         "median of interleaved runs against the unpatched model with its fused attention.\n"
     )
+    if "downsample" in cfg.baselines:
+        notes += (
+            "\nBaselines: *downsample* fits the same images to a smaller side (the budget, in "
+            "pixels) and runs the unpatched model with its position table interpolated; "
+            "*random* prunes random tokens at the methods' budgets. The two *vs downsampling* "
+            "columns are a row's cos p05 and probe agreement minus downsampling's at the same "
+            "measured speed-up (linear interpolation between the two nearest input sizes; "
+            "empty outside the measured range): > 0 means the method beats a smaller input.\n"
+        )
     (out / f"{stem}.md").write_text(
         report.markdown(rows, cols, meta, f"tokenmerge bench: {cfg.model}", notes)
     )

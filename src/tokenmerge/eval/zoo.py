@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -602,19 +603,28 @@ class VisionModel:
         return None if self.patch_size is None else self.image_size // self.patch_size
 
     def preprocess(
-        self, images: Sequence[Any] | np.ndarray, resize: str | None = None
+        self,
+        images: Sequence[Any] | np.ndarray,
+        resize: str | None = None,
+        size: int | None = None,
     ) -> torch.Tensor:
-        """Images -> normalised float32 pixels ``[B, 3, image_size, image_size]``.
+        """Images -> normalised float32 pixels ``[B, 3, S, S]`` (``S = image_size`` unless
+        `size` is given).
 
         `images` is a list of PIL images / arrays, or one array ``[B, H, W]`` (grey) or
         ``[B, H, W, C]`` (uint8, or float in [0, 1]); grey images are repeated to 3 channels.
         Pass a single colour image as a one-element list.
         `resize` overrides the model's fitting mode (``letterbox``, ``crop``, ``squash``).
+        `size` fits the images to another side (downsampling: :meth:`tokens` then runs the
+        model with its position table interpolated the way its framework does it).
         """
         mode = resize or self.resize
+        side = self.image_size if size is None else int(size)
+        if side < (self.patch_size or 1):
+            raise ValueError(f"size must be at least one patch ({self.patch_size} px), got {side}")
         if isinstance(images, np.ndarray) and images.ndim == 2:
             images = images[None]  # one grey image
-        batch = [np.asarray(_fit(_to_pil(im), self.image_size, mode)) for im in images]
+        batch = [np.asarray(_fit(_to_pil(im), side, mode)) for im in images]
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
@@ -622,10 +632,24 @@ class VisionModel:
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Final normed tokens ``[B, N, C]`` (prefix tokens first). Gradients follow the caller's
-        mode; wrap in ``torch.no_grad()`` for inference."""
+        mode; wrap in ``torch.no_grad()`` for inference.
+
+        Pixels of another size than ``image_size`` run with the position table interpolated
+        by the framework: transformers' ``interpolate_pos_encoding`` (DINOv2 always does),
+        timm's ``dynamic_img_size`` (a timm model built without it is refused)."""
+        other = tuple(pixels.shape[-2:]) != (self.image_size, self.image_size)
         if self.backend == "timm":
+            if other and not getattr(self.model, "dynamic_img_size", False):
+                raise ValueError(
+                    f"{self.name} was built for {self.image_size} px and got "
+                    f"{tuple(pixels.shape[-2:])}: create the timm model with "
+                    "dynamic_img_size=True to run other input sizes"
+                )
             return self.model.forward_features(pixels)
-        return self.model(pixel_values=pixels).last_hidden_state
+        kwargs = {}
+        if other and "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters:
+            kwargs["interpolate_pos_encoding"] = True
+        return self.model(pixel_values=pixels, **kwargs).last_hidden_state
 
 
 def _split_hub(name: str) -> tuple[str, str] | None:

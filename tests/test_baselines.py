@@ -1,0 +1,109 @@
+"""Vision baselines: downsampling (input sides, position tables interpolated by the framework),
+and the comparison of a method with downsampling at equal measured speed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmerge.eval.baselines import (
+    at_speed,
+    downsample_sizes,
+    parse_baselines,
+    versus_downsampling,
+)
+
+
+def test_downsample_sizes_remove_whole_patches_per_side():
+    assert downsample_sizes(224, 14) == [196, 182, 168, 154, 140]
+    assert downsample_sizes(224, 14, (4, 2)) == [196, 168]
+    assert downsample_sizes(64, 16, (1, 2, 3)) == [48, 32]  # a 1-patch side is left out
+
+
+def test_parse_baselines():
+    assert parse_baselines(None) == ("downsample", "random")
+    assert parse_baselines("none") == ()
+    assert parse_baselines(" random ") == ("random",)
+    with pytest.raises(ValueError, match=r"unknown baselines \['resize'\].*downsample, random"):
+        parse_baselines("downsample,resize")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_at_speed_is_linear_interpolation_without_extrapolation(seed):
+    rng = np.random.default_rng(seed)
+    xs = np.sort(rng.uniform(1.0, 2.5, 5))
+    ys = rng.uniform(0.8, 1.0, 5)
+    pts = list(zip(xs.tolist(), ys.tolist(), strict=True))
+    rng.shuffle(pts)  # order does not matter
+    for s in np.linspace(xs[0], xs[-1], 17):
+        assert at_speed(pts, float(s)) == pytest.approx(np.interp(s, xs, ys), abs=1e-12)
+    assert at_speed(pts, float(xs[0]) - 1e-6) is None
+    assert at_speed(pts, float(xs[-1]) + 1e-6) is None
+    assert at_speed([], 1.5) is None
+    assert at_speed([(1.5, 0.9)], 1.5) == 0.9
+    assert at_speed([(1.5, 0.9), (1.5, 0.7), (2.0, 1.0)], 1.5) == pytest.approx(0.8)
+
+
+def test_versus_downsampling_subtracts_the_ladder_at_the_method_speed():
+    ladder = [
+        {"method": "downsample", "throughput_ratio": s, "cosine_p05": c, "agreement": a}
+        for s, c, a in [(1.2, 0.99, 0.98), (1.6, 0.95, 0.94), (2.2, 0.90, 0.90)]
+    ]
+    tome = {"method": "tome", "throughput_ratio": 1.4, "cosine_p05": 0.98, "agreement": 0.99}
+    fast = {"method": "tome", "throughput_ratio": 3.0, "cosine_p05": 0.5, "agreement": 0.5}
+    untimed = {"method": "tome", "throughput_ratio": None, "cosine_p05": 0.9, "agreement": 0.9}
+    rows = [tome, fast, untimed, *ladder]
+    versus_downsampling(rows)
+    assert tome["vs_downsample_cosine_p05"] == pytest.approx(0.98 - 0.97)
+    assert tome["vs_downsample_agreement"] == pytest.approx(0.99 - 0.96)
+    assert fast["vs_downsample_cosine_p05"] is None  # beyond the ladder: no extrapolation
+    assert untimed["vs_downsample_agreement"] is None
+    assert all("vs_downsample_agreement" not in r for r in ladder)
+
+
+def _tiny_timm(dynamic: bool):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0,
+        dynamic_img_size=dynamic,
+    ).eval()  # fmt: skip
+
+
+def test_tokens_at_a_smaller_side_interpolate_or_refuse():
+    from tokenmerge.eval.zoo import IMAGENET_MEAN, IMAGENET_STD, VisionModel
+
+    imgs = [
+        np.random.default_rng(i).integers(0, 255, (50, 70, 3), dtype=np.uint8) for i in range(2)
+    ]
+    for dynamic in (True, False):
+        vm = VisionModel("tiny", _tiny_timm(dynamic), 64, IMAGENET_MEAN, IMAGENET_STD, "timm", 16)
+        small = vm.preprocess(imgs, size=48)
+        assert small.shape == (2, 3, 48, 48)
+        assert vm.preprocess(imgs).shape == (2, 3, 64, 64)
+        with torch.no_grad():
+            if dynamic:
+                assert vm.tokens(small).shape == (2, 9 + 1, 192)
+            else:
+                with pytest.raises(ValueError, match="dynamic_img_size=True"):
+                    vm.tokens(small)
+    with pytest.raises(ValueError, match="at least one patch"):
+        vm.preprocess(imgs, size=8)
+
+
+def test_hf_vit_gets_interpolate_pos_encoding():
+    from transformers import ViTConfig, ViTModel
+
+    from tokenmerge.eval.zoo import IMAGENET_MEAN, IMAGENET_STD, VisionModel
+
+    cfg = ViTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    model = ViTModel(cfg, add_pooling_layer=False).eval()
+    vm = VisionModel("tiny", model, 64, IMAGENET_MEAN, IMAGENET_STD, "hf", 16)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        out = vm.tokens(x)
+        want = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+    assert out.shape == (1, 10, 32)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

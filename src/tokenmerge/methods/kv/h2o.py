@@ -32,6 +32,11 @@ class H2O(KVMethod):
     over every ``s``-th query counted back from the last one, which divides the scoring cost
     by about ``s``. The recent half, which few sampled queries see, is kept regardless.
 
+    Cost, measured on SmolLM2-135M on 2 CPU cores (a 1076-token context at 2×, median of 7
+    interleaved pairs): the prefill takes 1.38× the uncompressed one at ``stride=1``, 1.10×
+    at 4 and 1.07× at 8. The exact sum cannot get much cheaper beside a fused kernel: it needs
+    every ``exp(q·k)`` the attention computes, without the kernel's fusion.
+
     Attributes:
         recent: fraction of the kept entries reserved for the most recent tokens.
         stride: score with every ``stride``-th query (1: every query, the paper's H2O).

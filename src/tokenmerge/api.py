@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, Patch, UnsupportedModelError
-from .adapters.base import ATTR
+from .adapters.base import ATTR, Adapter
 from .core.state import TokenState
 from .methods.base import Method
 
@@ -42,17 +42,27 @@ def apply(model: nn.Module, method: Method) -> nn.Module:
                 f"({type(sub).__name__}) is already patched by tokenmerge ({inner.method.name}); "
                 "call tokenmerge.remove on that submodule first"
             )
+    adapter = adapter_for(model)
+    if method.site not in adapter.sites:
+        raise ValueError(
+            f"{type(method).__name__} acts at the {method.site!r} site, which the "
+            f"{adapter.family} adapter does not offer (it offers "
+            f"{', '.join(sorted(adapter.sites))})"
+        )
+    patch = Patch(model, method, adapter.target(model))
+    patch.install()
+    return model
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter responsible for ``model``.
+
+    Raises:
+        UnsupportedModelError: no adapter recognises the model; the message lists the families.
+    """
     for adapter in ADAPTERS:
         if adapter.matches(model):
-            if method.site not in adapter.sites:
-                raise ValueError(
-                    f"{type(method).__name__} acts at the {method.site!r} site, which the "
-                    f"{adapter.family} adapter does not offer (it offers "
-                    f"{', '.join(sorted(adapter.sites))})"
-                )
-            patch = Patch(model, method, adapter.target(model))
-            patch.install()
-            return model
+            return adapter
     raise UnsupportedModelError(
         f"no tokenmerge adapter supports {type(model).__name__}. Supported families:\n  "
         + "\n  ".join(supported_families())

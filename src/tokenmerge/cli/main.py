@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..adapters import UnsupportedModelError
 from ..core.budget import parse_budget
@@ -33,14 +34,26 @@ def parse_params(items: Sequence[str]) -> dict[str, dict[str, object]]:
     return out
 
 
-def parse_method_budgets(items: Sequence[str]) -> dict[str, list]:
-    """``pitome=keep:0.9,keep:0.8`` -> ``{"pitome": [KeepRatio(0.9), KeepRatio(0.8)]}``."""
+def parse_method_budgets(
+    items: Sequence[str],
+    parse: Callable[[str], Any] = parse_budget,
+    accepted: Sequence[str] | None = None,
+) -> dict[str, list]:
+    """``pitome=keep:0.9,keep:0.8`` -> ``{"pitome": [KeepRatio(0.9), KeepRatio(0.8)]}``.
+
+    ``parse`` reads one budget (the LLM bench's are compression factors); a METHOD that is not
+    in ``accepted`` (when given: what the run benchmarks) is refused."""
     out = {}
     for item in items:
         method, sep, rest = item.partition("=")
         if not sep or not rest:
             raise SystemExit(f"--budgets-for expects METHOD=B1,B2,..., got {item!r}")
-        out[method.strip()] = [parse_budget(b) for b in rest.split(",")]
+        if accepted is not None and method.strip() not in accepted:
+            raise SystemExit(
+                f"--budgets-for expects METHOD=B1,B2 with METHOD one of the benchmarked methods "
+                f"({', '.join(accepted)}); got {item!r}"
+            )
+        out[method.strip()] = [parse(b) for b in rest.split(",")]
     return out
 
 

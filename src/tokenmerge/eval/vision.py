@@ -28,14 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters import ADAPTERS
-from ..api import patched, state
+from ..api import adapter_for, patched, state
 from ..core.budget import Budget, budget_label
-from ..core.flops import CostModel
 from ..methods.base import Method, get_method
 from . import metrics as M
 from . import report
-from .baselines import BASELINES, downsample_sizes, parse_baselines, versus_downsampling
+from .baselines import (
+    BASELINES,
+    MATCHED,
+    downsample_sizes,
+    parse_baselines,
+    versus_downsampling,
+)
 from .throughput import Timing, interleave, toggle
 
 QUICK = {"n": 96, "budgets": "8,16", "timing_runs": 3, "saliency_images": 16, "batch_size": 16}
@@ -158,7 +162,7 @@ def run(
 
     base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
     knn_base = M.knn_predict(base.cls, y).numpy()
-    cost = _cost_model(vm.model)
+    cost = adapter_for(vm.model).target(vm.model).cost  # the analytic FLOPs model
     n0 = _n_tokens(vm)
 
     def batch_of(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -308,14 +312,6 @@ def _downsample_ladder(cfg: VisionBenchConfig, vm) -> list[int]:
     return list(sizes)
 
 
-def _cost_model(model: torch.nn.Module) -> CostModel:
-    """The analytic FLOPs model of the adapter that supports ``model``."""
-    for adapter in ADAPTERS:
-        if adapter.matches(model):
-            return adapter.target(model).cost
-    raise ValueError(f"no tokenmerge adapter supports {type(model).__name__}")
-
-
 def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for vision models (called by the CLI)."""
     from tqdm import tqdm
@@ -334,14 +330,11 @@ def cli_main(args: argparse.Namespace) -> int:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
     budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
-    per_method = parse_method_budgets(args.budgets_for or [])
     try:
         baselines = parse_baselines(args.baselines)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    stray = sorted(set(per_method) - set(methods) - set(baselines))
-    if stray:
-        raise SystemExit(f"--budgets-for names {stray}, which this run does not benchmark")
+    per_method = parse_method_budgets(args.budgets_for or [], accepted=[*methods, *baselines])
     tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     cfg = VisionBenchConfig(
         model=args.model,
@@ -396,8 +389,7 @@ def cli_main(args: argparse.Namespace) -> int:
         (("agreement", "agreement_se"), "probe agree"),
         ("saliency_r", "saliency r"),
         ("saliency_iou", "top-10% IoU"),
-        ("vs_downsample_cosine_p05", "cos p05 vs downsampling"),
-        ("vs_downsample_agreement", "probe agree vs downsampling"),
+        *((f"vs_downsample_{key}", f"{name} vs downsampling") for key, name in MATCHED),
         ("tokens_per_layer", "tokens after each layer"),
     ]
     b = result["base"]

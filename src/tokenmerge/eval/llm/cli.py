@@ -38,18 +38,18 @@ def _ints(v: Any) -> tuple[int, ...]:
     return v if isinstance(v, tuple) else tuple(int(x) for x in str(v).split("/"))
 
 
-def _factors(spec: str, option: str) -> list[float]:
+def _factor(text: str, option: str) -> float:
     try:
-        return [float(b.strip().rstrip("x")) for b in spec.split(",")]
+        return float(text.strip().rstrip("x"))
     except ValueError:
         raise SystemExit(
-            f"{option} for LLMs are compression factors like 2,4,8; got {spec!r}"
+            f"{option} for LLMs are compression factors like 2,4,8; got {text!r}"
         ) from None
 
 
 def config(args: argparse.Namespace) -> LLMBenchConfig:
     """The run's configuration from the CLI arguments."""
-    from ...cli.main import parse_params
+    from ...cli.main import parse_method_budgets, parse_params
 
     if getattr(args, "batch_size", None):
         raise SystemExit("--batch-size does not apply to the LLM bench (one sequence at a time)")
@@ -66,16 +66,12 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
     for m in methods:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
-    factors = _factors(args.budgets or "2,4,8", "--budgets")
-    per_method: dict[str, list[float]] = {}
-    for item in getattr(args, "budgets_for", None) or []:
-        name, sep, rest = item.partition("=")
-        if not sep or name.strip() not in methods:
-            raise SystemExit(
-                f"--budgets-for expects METHOD=F1,F2 with METHOD one of the benchmarked methods "
-                f"({', '.join(methods)}); got {item!r}"
-            )
-        per_method[name.strip()] = _factors(rest, "--budgets-for")
+    factors = [_factor(f, "--budgets") for f in (args.budgets or "2,4,8").split(",")]
+    per_method = parse_method_budgets(
+        getattr(args, "budgets_for", None) or [],
+        parse=lambda f: _factor(f, "--budgets-for"),
+        accepted=methods,
+    )
     tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     if set(bench) - set(SETTINGS):
         raise SystemExit(f"unknown bench.* settings {sorted(set(bench) - set(SETTINGS))}; "

@@ -62,6 +62,26 @@ def test_versus_downsampling_subtracts_the_ladder_at_the_method_speed():
     assert all("vs_downsample_agreement" not in r for r in ladder)
 
 
+def test_versus_downsampling_stays_within_a_dataset():
+    def ds(dataset, speeds, cos):
+        return [
+            {"dataset": dataset, "method": "downsample", "throughput_ratio": s,
+             "cosine_p05": c, "agreement": 1.0}
+            for s, c in zip(speeds, cos, strict=True)
+        ]  # fmt: skip
+
+    # "b"'s ladder covers speed 2.5 but "a"'s does not: a row of "a" is not set against "b"
+    rows = ds("a", (1.2, 2.0), (0.9, 0.8)) + ds("b", (1.2, 2.0, 3.0), (0.99, 0.95, 0.95))
+    a = {"dataset": "a", "method": "tome", "throughput_ratio": 1.6, "cosine_p05": 0.9,
+         "agreement": 1.0}  # fmt: skip
+    a_fast = a | {"throughput_ratio": 2.5}
+    b = a | {"dataset": "b"}
+    versus_downsampling([a, a_fast, b, *rows])
+    assert a["vs_downsample_cosine_p05"] == pytest.approx(0.9 - 0.85)
+    assert b["vs_downsample_cosine_p05"] == pytest.approx(0.9 - 0.97)
+    assert a_fast["vs_downsample_cosine_p05"] is None
+
+
 def _tiny_timm(dynamic: bool):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from tokenmerge.cli.main import main
 ROW_KEYS = {
     "model", "method", "params", "batch_size", "tokens_per_layer", "flops_ratio",
     "throughput_ratio", "cosine", "knn_acc", "knn_acc_base", "probe_acc", "probe_acc_base",
-    "agreement", "cosine_p05", "saliency_r",
+    "agreement", "cosine_p05", "cosine_p05_se", "saliency_r", "dataset",
 }  # fmt: skip
 
 
@@ -19,8 +19,30 @@ ROW_KEYS = {
 def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--name", "q"]) == 0
     res = json.loads((tmp_path / "q.json").read_text())
-    assert {"versions", "seed", "machine", "command"} <= set(res["meta"])
+    meta = res["meta"]
+    assert {"versions", "seed", "machine", "command"} <= set(meta)
+    datasets = meta["config"]["datasets"]
+    assert len(datasets) >= 2 and set(meta["base"]) == set(datasets)
     rows = res["rows"]
+    assert [r["dataset"] for r in rows] == [d for d in datasets for _ in range(6)]
+    for d in datasets:
+        mine = [r for r in rows if r["dataset"] == d]
+        assert 0 <= meta["base"][d]["probe_acc"] <= 1
+        check_dataset_rows(mine)
+        assert all(r["probe_acc_base"] == meta["base"][d]["probe_acc"] for r in mine)
+    # the hardest dataset: lowest mean cos p05 over its rows, named first in the report
+    p05 = {d: sum(r["cosine_p05"] for r in rows if r["dataset"] == d) for d in datasets}
+    assert meta["hardest_dataset"] == min(p05, key=p05.get)
+    md = (tmp_path / "q.md").read_text()
+    assert md.startswith("# tokenmerge bench")
+    assert f"**Hardest dataset: {meta['hardest_dataset']}**" in md
+    heads = [md.index(f"## {d}") for d in meta["datasets_hardest_first"]]
+    assert heads == sorted(heads) and md.index(f"## {meta['hardest_dataset']}") == heads[0]
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def check_dataset_rows(rows: list[dict]) -> None:
+    """One dataset's rows of the quick bench."""
     # ToMe at 2 budgets, then the baselines: random pruning at the same budgets, and
     # downsampling to 196 and 168 px (2 and 4 patches fewer per side in quick mode)
     assert [(r["method"], r["budget"]) for r in rows] == [
@@ -32,15 +54,15 @@ def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
         assert 0 < row["flops_ratio"] < 1 and row["throughput_ratio"] > 0
         assert len(row["tokens_per_layer"]) == 12
         assert 0.5 < row["cosine"] <= 1 and 0 <= row["agreement"] <= 1
+        assert 0 <= row["cosine_p05_se"] < 0.2
     for row, side in zip(rows[4:], (14, 12), strict=True):
         assert row["tokens_per_layer"] == [side * side + 1.0] * 12
         assert "vs_downsample_cosine_p05" not in row
+    speeds = sorted(r["throughput_ratio"] for r in rows[4:])  # this dataset's ladder only
     for row in rows[:4]:  # set against downsampling where its speed lies in the ladder's range
-        speeds = sorted(r["throughput_ratio"] for r in rows[4:])
         inside = speeds[0] <= row["throughput_ratio"] <= speeds[-1]
         assert (row["vs_downsample_cosine_p05"] is not None) == inside
-    assert (tmp_path / "q.md").read_text().startswith("# tokenmerge bench")
-    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+        assert (row["vs_downsample_agreement"] is not None) == inside
 
 
 @pytest.mark.real
@@ -66,6 +88,7 @@ def test_list(capsys):
     [
         (["bench", "--methods", "nope"], "unknown method 'nope'"),
         (["bench", "--budgets", "x"], "cannot parse budget 'x'"),
+        (["bench", "--dataset", "photos,imagenet"], "accepted: textiles, photos, fashion-mnist"),
     ],
 )
 def test_bad_cli_input(argv, match, capsys):

@@ -201,6 +201,58 @@ def test_photos() -> None:
         data.photos(["camera"])  # grey, not a colour photo
 
 
+def test_natural_crops_are_seeded_balanced_square_crops() -> None:
+    images, labels, names = data.natural_crops(23, seed=5)
+    assert names == data.NATURAL_CLASSES and len(names) == 5 and "motorcycle" in names
+    assert len(images) == 23 and labels.shape == (23,) and labels.dtype == np.int64
+    counts = np.bincount(labels, minlength=5)
+    assert counts.sum() == 23 and counts.max() - counts.min() <= 1
+    assert all(im.mode == "RGB" and im.size == (224, 224) for im in images)
+    assert data.natural_crops(3, size=96)[0][0].size == (96, 96)
+    again, labels2, _ = data.natural_crops(23, seed=5)
+    np.testing.assert_array_equal(labels, labels2)
+    for a, b in zip(images, again, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = data.natural_crops(23, seed=6)[0]
+    assert not all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, other, strict=True)
+    )
+    assert len(data.natural_crops(0)[0]) == 0
+
+
+def test_natural_crops_geometry_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # synthetic 100x150 photos: red encodes the photo, green the column, so each crop shows
+    # where it came from, how wide it was and whether it was mirrored
+    cols = np.broadcast_to(np.arange(150, dtype=np.uint8), (100, 150))
+    fake = {}
+    for i, name in enumerate(data.NATURAL_PHOTOS):
+        arr = np.zeros((100, 150, 3), dtype=np.uint8)
+        arr[..., 0], arr[..., 1] = 40 * i, cols
+        fake[name] = arr
+    monkeypatch.setattr(data, "_natural_arrays", lambda: fake)
+    images, labels, names = data.natural_crops(200, seed=2, size=64)
+    photo_of = {40 * i: n for i, n in enumerate(data.NATURAL_PHOTOS)}
+    spans, flips = [], []
+    for im, label in zip(images, labels, strict=True):
+        x = np.asarray(im).astype(np.int64)
+        red = np.unique(x[..., 0])
+        assert len(red) == 1  # one photo per crop
+        source = photo_of[int(red[0])]
+        assert names[label] == source.removesuffix("_left").removesuffix("_right")
+        green = x[32, :, 1]
+        spans.append(abs(green[-1] - green[0]))
+        flips.append(green[-1] < green[0])
+        assert green.min() >= 0 and green.max() <= 149
+    spans = np.array(spans)
+    # crop side uniform in [0.3, 1] of the short side (100 px): span = side - 1, up to resampling
+    assert spans.min() >= 28 and spans.max() <= 100
+    assert spans.min() < 40 and spans.max() > 90  # the whole range is used
+    assert 0.35 < np.mean(flips) < 0.65  # mirrored half of the time
+    # both motorcycle views are used, for the one class
+    used = {photo_of[int(np.asarray(im)[0, 0, 0])] for im in images}
+    assert {"motorcycle_left", "motorcycle_right"} <= used
+
+
 def test_to_rgb_pil() -> None:
     x, _ = data.fashion_mnist("test", n=3)
     ims = data.to_rgb_pil(x)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
+import pytest
 import torch
 from models import images, make
 
@@ -51,6 +54,93 @@ def test_estimates_and_map_agreement():
     assert (
         M.top_iou(m.flatten(1).argsort(1).argsort(1).float().view(3, 20, 20), flipped) < 1
     ).all()
+
+
+def _slow_bootstrap_se(values, stat, resamples, seed):
+    """The bootstrap from its definition: one resample at a time."""
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(resamples):
+        sample = [values[rng.integers(len(values))] for _ in range(len(values))]
+        stats.append(stat(np.array(sample)))
+    mean = sum(stats) / len(stats)
+    return (sum((s - mean) ** 2 for s in stats) / (len(stats) - 1)) ** 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_bootstrap_se_matches_a_slow_reference(seed):
+    x = np.random.default_rng(seed + 10).beta(8, 1, size=57)  # skewed, like cosines near 1
+    p05 = partial(np.percentile, q=5)
+    want = _slow_bootstrap_se(x, lambda v: np.percentile(v, 5), 50, seed)
+    assert M.bootstrap_se(x, p05, resamples=50, seed=seed) == pytest.approx(want, rel=1e-12)
+    assert M.bootstrap_se(x, p05, resamples=50, seed=seed + 1) != pytest.approx(want, rel=1e-6)
+
+
+def test_bootstrap_se_of_a_mean_is_the_standard_error():
+    x = np.random.default_rng(1).normal(size=400)
+    se = M.bootstrap_se(x, np.mean, resamples=2000)
+    assert se == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)), rel=0.1)
+    assert M.bootstrap_se(np.full(30, 0.9), np.mean) == pytest.approx(0.0, abs=1e-12)
+    assert M.bootstrap_se(np.array([0.5]), np.mean) == 0.0
+
+
+def test_table_flags_large_standard_errors():
+    from tokenmerge.eval import report
+
+    rows = [{"m": "a", "v": 0.95, "v_se": 0.005}, {"m": "b", "v": 0.8, "v_se": 0.04}]
+    cols = [("m", "method"), (("v", "v_se"), "agree")]
+    lines = report.table(rows, cols, {"v_se": 0.01}).splitlines()
+    assert lines[2] == "| a | 0.950 ± 0.005 |"
+    assert lines[3] == f"| b | 0.800 ± 0.040 {report.FLAG} |"
+    assert lines[-1] == f"{report.FLAG} standard error above 0.01."
+    assert report.FLAG not in report.table(rows[:1], cols, {"v_se": 0.01})
+    assert report.FLAG not in report.table(rows, cols)
+
+
+def _bench_rows(datasets, p05):
+    rows = []
+    for d, c in zip(datasets, p05, strict=True):
+        for method, budgets in (("tome", ("r=8", "r=16")), ("downsample", ("196px", "168px"))):
+            for i, b in enumerate(budgets):
+                rows.append(
+                    {"dataset": d, "method": method, "budget": b, "throughput_ratio": 1.2 + i,
+                     "cosine_p05": c - 0.01 * i, "cosine_p05_se": 0.01, "agreement": 0.9,
+                     "agreement_se": 0.03, "probe_acc": 0.8, "probe_drop_se": 0.02,
+                     "knn_acc": 0.7, "knn_drop_se": 0.02}
+                )  # fmt: skip
+    return rows
+
+
+def test_vision_report_puts_the_hardest_dataset_first(tmp_path):
+    from tokenmerge.eval import report
+    from tokenmerge.eval.vision import VisionBenchConfig, hardest_first
+    from tokenmerge.eval.vision.cli import ERRORS, PLOTTED, markdown
+
+    datasets = ["photos", "textiles", "fashion-mnist"]
+    rows = _bench_rows(datasets, [0.95, 0.90, 0.97])
+    order = hardest_first(rows)
+    assert order == ["textiles", "photos", "fashion-mnist"]
+    base = {"n": 8, "classes": 3, "knn_acc": 0.7, "knn_acc_se": 0.1, "probe_acc": 0.75}
+    meta = report.provenance(0, ["test"]) | {
+        "base": {d: base | {"probe_acc_se": 0.1 + i} for i, d in enumerate(datasets)},
+        "datasets_hardest_first": order,
+    }
+    md = markdown(VisionBenchConfig(datasets=datasets), rows, meta)
+    assert "**Hardest dataset: textiles**" in md.splitlines()[2]
+    heads = [md.index(f"## {d}") for d in order]
+    assert heads == sorted(heads)
+    # each table is under its own dataset's unreduced accuracies, and holds its rows only
+    for i, d in enumerate(datasets):
+        section = md[md.index(f"## {d}") :].split("\n## ")[0]
+        assert f"probe 0.750 ± {0.1 + i:.3f}" in section
+        assert section.count("| tome |") == 2 and section.count("| downsample |") == 2
+    assert md.count(report.FLAG) > 1  # agreement SE 0.03 > 0.01: flagged, with a footnote
+    out = tmp_path / "p.png"
+    report.pareto_plot(
+        rows, out, PLOTTED, "t", base={d: {"probe_acc": 0.8} for d in datasets},
+        errors=ERRORS, by="dataset",
+    )  # fmt: skip
+    assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_overlay_paints_group_means_and_borders():

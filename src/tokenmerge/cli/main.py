@@ -143,8 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="CI smoke-test size (minutes on 2 cores)")
     b.add_argument("--param", action="append", help="METHOD.NAME=VALUE hyper-parameter")
     b.add_argument("--tasks", help="comma-separated subset of cosine,knn,probe,saliency,speed")
-    b.add_argument("--dataset", help="data set (vision: fashion-mnist or textiles)")
-    b.add_argument("--n", type=int, help="samples for the quality tasks")
+    b.add_argument(
+        "--dataset",
+        help="comma-separated data sets (vision: textiles, photos, fashion-mnist; default: all)",
+    )
+    b.add_argument(
+        "--n", type=int, help="samples for the quality tasks (vision: per data set, default 1000)"
+    )
     b.add_argument("--batch-size", type=int, help="batch size")
     b.add_argument("--timing-runs", type=int, help="interleaved timing pairs (default 5)")
     b.add_argument("--saliency-images", type=int, help="vision: images for saliency (default 64)")

@@ -68,7 +68,17 @@ def at_speed(points: Sequence[tuple[float, float]], speed: float) -> float | Non
 
 def versus_downsampling(rows: list[dict[str, Any]]) -> None:
     """Add ``vs_downsample_<key>`` to every non-baseline row with a measured speed: its
-    ``key`` minus downsampling's at the same speed (``None`` outside the ladder's range)."""
+    ``key`` minus downsampling's at the same speed (``None`` outside the ladder's range).
+
+    Rows are compared within their ``dataset`` only (rows without one form one group)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row.get("dataset"), []).append(row)
+    for group in groups.values():
+        _versus_ladder(group)
+
+
+def _versus_ladder(rows: list[dict[str, Any]]) -> None:
     ladder = [r for r in rows if r["method"] == "downsample" and r.get("throughput_ratio")]
     for row in rows:
         if row["method"] == "downsample":

@@ -3,6 +3,7 @@
 - `fashion_mnist`: Fashion-MNIST IDX files from the Debian package ``dataset-fashion-mnist``.
 - `textiles`: 2,000 simulated textile photos in 3 classes from ``conformal-clip-data==0.1.4``.
 - `photos`: scikit-image's real colour photographs.
+- `natural_crops`: seeded random crops of those photos, labelled by photo (5 classes).
 - `to_rgb_pil`: grey ``[N, H, W]`` arrays -> 3-channel PIL images for a ViT.
 
 Source files are checked against pinned sha256 values before they are read.
@@ -36,11 +37,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "NATURAL_CLASSES",
     "NATURAL_PHOTOS",
     "SCIENTIFIC_PHOTOS",
     "TEXTILE_CLASSES",
     "fashion_mnist",
     "fashion_mnist_dir",
+    "natural_crops",
     "photos",
     "stratified_indices",
     "textiles",
@@ -335,6 +338,52 @@ def photos(
     if names is None:
         names = NATURAL_PHOTOS + (SCIENTIFIC_PHOTOS if include_scientific else ())
     return [(n, Image.fromarray(_skimage_photo(n)).convert("RGB")) for n in names]
+
+
+#: The classes of `natural_crops`: one per photo, the stereo motorcycle pair counted once
+#: (its left and right views are nearly the same scene).
+NATURAL_CLASSES: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
+_NATURAL_SOURCES: dict[str, tuple[str, ...]] = {c: (c,) for c in NATURAL_CLASSES[:-1]}
+_NATURAL_SOURCES["motorcycle"] = ("motorcycle_left", "motorcycle_right")
+
+
+@functools.lru_cache(maxsize=1)
+def _natural_arrays() -> dict[str, np.ndarray]:
+    return {name: _skimage_photo(name) for name in NATURAL_PHOTOS}
+
+
+def natural_crops(
+    n: int, seed: int = 0, size: int = 224, min_scale: float = 0.3
+) -> tuple[list[Image.Image], np.ndarray, tuple[str, ...]]:
+    """Seeded random square crops of `NATURAL_PHOTOS`: RGB images of ``size x size``, labels
+    ``int64 [n]`` (the photo a crop comes from) and the class names `NATURAL_CLASSES`.
+
+    Each crop's side is uniform in [`min_scale`, 1] of its photo's short side, at a uniform
+    random position, mirrored with probability 1/2, then resized (bicubic) to `size`. A
+    motorcycle crop comes from the left or the right view at random. The labels are round
+    robin over the classes, shuffled with the seed: the classes are balanced up to one.
+    """
+    from PIL import Image
+
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    k = len(NATURAL_CLASSES)
+    labels = rng.permutation(np.arange(n) % k).astype(np.int64)
+    arrays = _natural_arrays()
+    images = []
+    for label in labels:
+        sources = _NATURAL_SOURCES[NATURAL_CLASSES[label]]
+        arr = arrays[sources[rng.integers(len(sources))]]
+        h, w = arr.shape[:2]
+        side = max(1, round(rng.uniform(min_scale, 1.0) * min(h, w)))
+        top, left = rng.integers(h - side + 1), rng.integers(w - side + 1)
+        crop = arr[top : top + side, left : left + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        im = Image.fromarray(np.ascontiguousarray(crop)).convert("RGB")
+        images.append(im.resize((size, size), Image.Resampling.BICUBIC))
+    return images, labels, NATURAL_CLASSES
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ figure comes with its standard error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,28 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> Estimate:
     return Estimate(
         float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
     )
+
+
+def bootstrap_se(
+    values: np.ndarray,
+    stat: Callable[..., np.ndarray] = np.mean,
+    resamples: int = 200,
+    seed: int = 0,
+) -> float:
+    """Bootstrap standard error of ``stat`` over the samples in ``values`` (1-D).
+
+    ``stat(x, axis=-1)`` must reduce the last axis, e.g. ``np.mean`` or
+    ``functools.partial(np.percentile, q=5)``: all ``resamples`` resamples (drawn with
+    replacement, seeded) are evaluated in one call. For a tail statistic such as the 5th
+    percentile, where no closed form applies.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"expected 1-D values, got shape {x.shape}")
+    if len(x) < 2:
+        return 0.0
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    return float(np.std(stat(x[idx], axis=-1), ddof=1))
 
 
 def cosine(a: Tensor, b: Tensor) -> np.ndarray:

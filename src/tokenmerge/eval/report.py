@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,13 +61,62 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _cell(row: dict[str, Any], key: str | tuple[str, str]) -> str:
+#: marks a value whose standard error is above the limit given to :func:`table`
+FLAG = "†"
+
+
+def _cell(
+    row: dict[str, Any], key: str | tuple[str, str], flags: Mapping[str, float] | None = None
+) -> str:
     if isinstance(key, tuple):  # (value, standard error)
         v, se = row.get(key[0]), row.get(key[1])
         if v is None:
             return ""
-        return f"{v:.3f}" if se is None else f"{v:.3f} ± {se:.3f}"
+        if se is None:
+            return f"{v:.3f}"
+        limit = (flags or {}).get(key[1])
+        mark = f" {FLAG}" if limit is not None and se > limit else ""
+        return f"{v:.3f} ± {se:.3f}{mark}"
     return _fmt(row.get(key))
+
+
+def table(
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str | tuple[str, str], str]],
+    flags: Mapping[str, float] | None = None,
+) -> str:
+    """A Markdown table of ``rows`` with ``(key, header)`` columns.
+
+    A key may be a ``(value_key, se_key)`` pair, shown as ``value ± se``. ``flags`` maps an
+    ``se_key`` to a limit: a larger standard error is marked with :data:`FLAG` and explained
+    in a footnote under the table.
+    """
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_cell(r, k, flags) for k, _ in columns) + " |" for r in rows]
+    out = "\n".join([head, sep, *body])
+    limits = sorted(
+        {
+            flags[k[1]]
+            for r in rows
+            for k, _ in columns
+            if isinstance(k, tuple) and k[1] in (flags or {}) and (r.get(k[1]) or 0) > flags[k[1]]
+        }
+    )
+    if limits:
+        out += f"\n\n{FLAG} standard error above {' / '.join(f'{x:g}' for x in limits)}."
+    return out + "\n"
+
+
+def footer(meta: dict[str, Any]) -> str:
+    """The provenance line under a report: date, command, seed, machine and versions."""
+    v = meta["versions"]
+    return (
+        f"Generated {meta['date']} by `{meta['command']}` (seed {meta['seed']}) on "
+        f"{meta['machine']['cpus']} CPUs ({meta['machine']['torch_threads']} torch threads), "
+        + ", ".join(f"{k} {x}" for k, x in v.items())
+        + ".\n"
+    )
 
 
 def markdown(
@@ -76,22 +125,10 @@ def markdown(
     meta: dict[str, Any],
     title: str,
     notes: str = "",
+    flags: Mapping[str, float] | None = None,
 ) -> str:
-    """A Markdown table of ``rows`` with ``(key, header)`` columns and a provenance footer.
-
-    A key may be a ``(value_key, se_key)`` pair, shown as ``value ± se``.
-    """
-    head = "| " + " | ".join(h for _, h in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(r, k) for k, _ in columns) + " |" for r in rows]
-    v = meta["versions"]
-    foot = (
-        f"\nGenerated {meta['date']} by `{meta['command']}` (seed {meta['seed']}) on "
-        f"{meta['machine']['cpus']} CPUs ({meta['machine']['torch_threads']} torch threads), "
-        + ", ".join(f"{k} {x}" for k, x in v.items())
-        + ".\n"
-    )
-    return "\n".join([f"# {title}\n", notes, head, sep, *body, foot])
+    """One :func:`table` under a title and notes, with the provenance :func:`footer`."""
+    return "\n".join([f"# {title}\n", notes, table(rows, columns, flags), footer(meta)])
 
 
 def pareto_plot(
@@ -99,50 +136,91 @@ def pareto_plot(
     path: Path,
     metrics: list[tuple[str, str]],
     title: str,
-    base: dict[str, float] | None = None,
+    base: dict[str, Any] | None = None,
+    errors: Mapping[str, str] | None = None,
+    by: str | None = None,
 ) -> None:
-    """One panel per ``(key, label)`` metric against measured throughput ratio, a line a method."""
+    """Quality against measured throughput ratio, a line per method, budgets written next to
+    the points.
+
+    Without ``by``: one row of panels, one per ``(key, label)`` metric, and ``base`` maps a
+    metric to the unreduced model's value (a dashed reference line). With ``by`` (a row key
+    such as ``"dataset"``): a column of panels per value of it, in the order the rows first
+    show it, a row of panels per metric, and ``base`` maps each value to such a dict.
+    ``errors`` maps a metric to the row key of its standard error (error bars).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    groups = list(dict.fromkeys(r.get(by) for r in rows)) if by else [None]
+    if by:
+        shape, size = (len(metrics), len(groups)), (4.6 * len(groups), 3.4 * len(metrics))
+    else:
+        shape, size = (1, len(metrics)), (5 * len(metrics), 4)
+    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False)
     methods = sorted({r["method"] for r in rows})
-    for ax, (key, label) in zip(axes[0], metrics, strict=True):
-        for m in methods:
-            # points in budget order (the row order), labelled, so noise in the measured
-            # speed-up shows as a kink instead of reordering the line
-            pts = [
-                (r["throughput_ratio"], r[key], r.get("budget", ""))
-                for r in rows
-                if r["method"] == m and r.get(key) is not None
-            ]
-            if pts:
-                xs, ys, _ = zip(*pts, strict=True)
-                i = methods.index(m)  # distinct colour and marker for up to 20 methods
-                (line,) = ax.plot(
-                    xs, ys, marker="os^vD"[i % 5], color=plt.get_cmap("tab20")(i % 20), label=m
-                )
-                if len(methods) <= 3:
-                    for x, y, lab in pts:
-                        ax.annotate(
-                            lab,
-                            (x, y),
-                            fontsize=7,
-                            color=line.get_color(),
-                            xytext=(3, 3),
-                            textcoords="offset points",
-                        )
-        if base and base.get(key) is not None:
-            ax.scatter(
-                [1.0], [base[key]], color="black", marker="*", s=120, zorder=5, label="unreduced"
-            )
-        ax.set_xlabel("measured throughput ratio (vs unpatched)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+    for j, group in enumerate(groups):
+        mine = [r for r in rows if by is None or r.get(by) == group]
+        ref = ((base or {}).get(group) or {}) if by else (base or {})
+        for i, (key, label) in enumerate(metrics):
+            ax = axes[i][j] if by else axes[0][i]
+            _panel(ax, mine, methods, key, (errors or {}).get(key), ref.get(key))
+            ax.set_ylabel(label)
+            if by is None or i == len(metrics) - 1:
+                ax.set_xlabel("measured throughput ratio (vs unpatched)")
+            if by and i == 0:
+                ax.set_title(str(group))
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _panel(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    methods: list[str],
+    key: str,
+    se_key: str | None,
+    ref: float | None,
+) -> None:
+    """One metric's lines (one per method, with error bars) and the unreduced reference."""
+    import matplotlib.pyplot as plt
+
+    for i, m in enumerate(methods):
+        # points in budget order (the row order), so noise in the measured speed-up shows as
+        # a kink instead of reordering the line
+        pts = [
+            (
+                r["throughput_ratio"],
+                r[key],
+                (r.get(se_key) if se_key else None) or 0.0,
+                r.get("budget", ""),
+            )
+            for r in rows
+            if r["method"] == m and r.get(key) is not None and r.get("throughput_ratio")
+        ]
+        if not pts:
+            continue
+        xs, ys, errs, labels = zip(*pts, strict=True)
+        # the same method, the same colour in every panel; tab10's colours are the most distinct
+        colour = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i % 20)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errs if se_key else None,
+            marker="os^vD"[i % 5],
+            color=colour,
+            capsize=2,
+            label=m,
+        )
+        for x, y, lab in zip(xs, ys, labels, strict=True):
+            ax.annotate(
+                lab, (x, y), fontsize=6, color=colour, xytext=(3, 3), textcoords="offset points"
+            )
+    if ref is not None:
+        ax.axhline(ref, color="black", ls="--", lw=1, label="unreduced")
+    ax.grid(alpha=0.3)

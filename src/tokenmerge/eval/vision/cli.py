@@ -1,0 +1,202 @@
+"""``tokenmerge bench`` for vision models: arguments to a :class:`.VisionBenchConfig`, and the
+report (JSON, Markdown with one table per dataset hardest first, a Pareto plot)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import report
+from ..baselines import MATCHED, parse_baselines
+from .measure import DATASETS, TASKS, VisionBenchConfig, check_datasets, run
+
+#: ``--quick``: the CI smoke test, two datasets of 64 images each
+QUICK = {
+    "dataset": "textiles,photos",
+    "n": 64,
+    "budgets": "8,16",
+    "timing_runs": 3,
+    "saliency_images": 16,
+    "batch_size": 16,
+}
+#: an agreement whose standard error is above this is flagged in the report (n = 1000 keeps
+#: it below whenever the agreement is at least 0.9)
+SE_LIMIT = 0.01
+
+COLUMNS: list[tuple[str | tuple[str, str], str]] = [
+    ("method", "method"),
+    ("budget", "budget"),
+    ("throughput_ratio", "speed-up"),
+    ("flops_ratio", "FLOPs"),
+    ("cosine", "cos"),
+    (("cosine_p05", "cosine_p05_se"), "cos p05"),
+    (("knn_drop", "knn_drop_se"), "k-NN drop"),
+    (("knn_agreement", "knn_agreement_se"), "k-NN agree"),
+    (("probe_drop", "probe_drop_se"), "probe drop"),
+    (("agreement", "agreement_se"), "probe agree"),
+    ("saliency_r", "saliency r"),
+    ("saliency_iou", "top-10% IoU"),
+    *((f"vs_downsample_{key}", f"{name} vs downsampling") for key, name in MATCHED),
+    ("tokens_per_layer", "tokens after each layer"),
+]
+#: the standard errors flagged above :data:`SE_LIMIT`
+FLAGS = {"agreement_se": SE_LIMIT, "knn_agreement_se": SE_LIMIT}
+#: the plot's rows of panels, and each one's error bar (accuracies: the SE of their drop
+#: against the unreduced model, which the reference line shows)
+PLOTTED = [
+    ("agreement", "probe agreement"),
+    ("probe_acc", "linear-probe accuracy"),
+    ("knn_acc", "k-NN accuracy"),
+    ("cosine_p05", "CLS cosine, 5th percentile"),
+]
+ERRORS = {
+    "agreement": "agreement_se",
+    "probe_acc": "probe_drop_se",
+    "knn_acc": "knn_drop_se",
+    "cosine_p05": "cosine_p05_se",
+}
+
+
+def parse_datasets(spec: str | None) -> tuple[str, ...]:
+    """``"textiles,photos"`` -> ``("textiles", "photos")``; all of :data:`DATASETS` if None."""
+    if spec is None:
+        return DATASETS
+    return check_datasets([s.strip() for s in spec.split(",") if s.strip()])
+
+
+def _sizes(budgets: Sequence[Any]) -> list[int] | None:
+    """``--budgets-for downsample=182,168``: input sides in pixels."""
+    from ...core.budget import Constant
+
+    if any(not isinstance(b, Constant) for b in budgets):
+        raise SystemExit("downsampling budgets are input sides in pixels, e.g. downsample=182,168")
+    return [b.r for b in budgets] or None
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``tokenmerge bench`` for vision models (called by the CLI)."""
+    from tqdm import tqdm
+
+    from ...cli.main import parse_method_budgets, parse_params
+    from ...core.budget import parse_budget
+    from ...methods import REGISTRY
+
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    methods = [m.strip() for m in (args.methods or "tome").split(",")]
+    for m in methods:
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
+    budgets = [parse_budget(b) for b in (args.budgets or "4,8,12,16,20").split(",")]
+    try:
+        baselines = parse_baselines(args.baselines)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    per_method = parse_method_budgets(args.budgets_for or [], accepted=[*methods, *baselines])
+    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    cfg = VisionBenchConfig(
+        model=args.model,
+        backend=args.backend,
+        methods=methods,
+        budgets=budgets,
+        method_budgets=per_method,
+        method_params=parse_params(args.param or []),
+        datasets=parse_datasets(args.dataset),
+        n=args.n or VisionBenchConfig.n,
+        batch_size=args.batch_size or 32,
+        timing_runs=args.timing_runs or 5,
+        saliency_images=args.saliency_images or 64,
+        seed=args.seed,
+        tasks=tasks,
+        baselines=baselines,
+        downsample=_sizes(per_method.pop("downsample", [])),
+        downsample_steps=(2, 4) if args.quick else VisionBenchConfig.downsample_steps,
+    )
+
+    with tqdm(desc="bench", unit="img", file=sys.stderr) as bar:
+
+        def plan(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        result = run(cfg, bar.update, plan)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"
+    meta = report.provenance(cfg.seed)
+    meta["config"] = {
+        "datasets": list(cfg.datasets),
+        "n": cfg.n,
+        "batch_size": cfg.batch_size,
+        "timing_runs": cfg.timing_runs,
+        "tasks": sorted(cfg.tasks),
+    }
+    meta["base"] = result["base"]
+    meta["hardest_dataset"] = result["hardest"][0]
+    meta["datasets_hardest_first"] = result["hardest"]
+    rows = result["rows"]
+    report.write_json(out / f"{stem}.json", meta, rows)
+    (out / f"{stem}.md").write_text(markdown(cfg, rows, meta))
+    if "speed" in cfg.tasks:
+        order = {d: i for i, d in enumerate(result["hardest"])}
+        report.pareto_plot(
+            sorted(rows, key=lambda r: order[r["dataset"]]),  # columns hardest first
+            out / f"{stem}.png",
+            PLOTTED,
+            f"{cfg.model} (n={cfg.n} per dataset, CPU, batch {cfg.batch_size})",
+            base={
+                d: {"agreement": 1.0, "cosine_p05": 1.0}
+                | {k: b[k] for k in ("probe_acc", "knn_acc")}
+                for d, b in result["base"].items()
+            },
+            errors=ERRORS,
+            by="dataset",
+        )
+    print(f"wrote {out / stem}.json, .md" + (", .png" if "speed" in cfg.tasks else ""))
+    return 0
+
+
+def markdown(cfg: VisionBenchConfig, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The report: the hardest dataset named at the top, then one table per dataset (hardest
+    first), each under a line with the unreduced model's accuracies."""
+    order = meta["datasets_hardest_first"]
+    hardest = order[0]
+    p05 = {d: np.mean([r["cosine_p05"] for r in rows if r["dataset"] == d]) for d in order}
+    ranking = ", ".join(f"{d} {p05[d]:.3f}" for d in order if not np.isnan(p05[d]))
+    parts = [
+        f"# tokenmerge bench: {cfg.model}\n",
+        f"**Hardest dataset: {hardest}** (lowest mean cos p05 over all rows of the run: "
+        f"{ranking}). Its table comes first.\n",
+        f"{cfg.model} ({cfg.backend}), n={cfg.n} images per dataset, batch {cfg.batch_size}. "
+        "Speed-up is the median of interleaved runs against the unpatched model with its fused "
+        "attention, on the same dataset's images. cos p05 ± its bootstrap standard error "
+        f"(200 resamples). {report.FLAG} marks an agreement whose standard error is above "
+        f"{SE_LIMIT} (n = 1000 keeps it below whenever the agreement is at least 0.9).\n",
+    ]
+    if "downsample" in cfg.baselines:
+        parts.append(
+            "Baselines: *downsample* fits the same images to a smaller side (the budget, in "
+            "pixels) and runs the unpatched model with its position table interpolated; "
+            "*random* prunes random tokens at the methods' budgets. The two *vs downsampling* "
+            "columns are a row's cos p05 and probe agreement minus downsampling's on the same "
+            "dataset at the same measured speed-up (linear interpolation between the two "
+            "nearest input sizes; empty outside the measured range): > 0 means the method "
+            "beats a smaller input.\n"
+        )
+    for d in order:
+        b = meta["base"][d]
+        parts += [
+            f"## {d}" + (" (hardest)" if d == hardest else "") + "\n",
+            f"Unreduced on {d} (n={b['n']}, {b['classes']} classes): "
+            f"k-NN {b['knn_acc']:.3f} ± {b['knn_acc_se']:.3f}, "
+            f"probe {b['probe_acc']:.3f} ± {b['probe_acc_se']:.3f}.\n",
+            report.table([r for r in rows if r["dataset"] == d], COLUMNS, FLAGS),
+        ]
+    return "\n".join([*parts, report.footer(meta)])

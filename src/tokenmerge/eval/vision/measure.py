@@ -1,0 +1,355 @@
+"""Measuring the vision benchmark: every configuration on every dataset (see the package
+docstring for the measures). The CLI and the report live in :mod:`.cli`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...api import adapter_for, patched, state
+from ...core.budget import Budget, budget_label
+from ...methods.base import Method, get_method
+from .. import metrics as M
+from .. import report
+from ..baselines import BASELINES, downsample_sizes, versus_downsampling
+from ..throughput import Timing, interleave, toggle
+
+TASKS = frozenset({"cosine", "knn", "probe", "saliency", "speed"})
+#: the datasets the bench knows: simulated textile photos (3 classes, defects), crops of
+#: natural photos (5 classes), Fashion-MNIST (10 classes)
+DATASETS = ("textiles", "photos", "fashion-mnist")
+
+
+@dataclass
+class VisionBenchConfig:
+    """What to run. ``n`` images of each dataset are used for every quality task."""
+
+    model: str = "dinov2-s"
+    backend: str = "hf"
+    methods: Sequence[str] = ("tome",)
+    budgets: Sequence[Budget] = ()
+    method_budgets: dict[str, Sequence[Budget]] = field(default_factory=dict)  # overrides
+    method_params: dict[str, Any] = field(default_factory=dict)
+    datasets: Sequence[str] = DATASETS
+    #: images per dataset; 1000 keeps the standard error of an agreement >= 0.9 at most 0.01
+    n: int = 1000
+    batch_size: int = 32
+    timing_runs: int = 5
+    saliency_images: int = 64
+    seed: int = 0
+    tasks: frozenset[str] = TASKS
+    #: baselines run beside the methods (:mod:`.baselines`)
+    baselines: Sequence[str] = BASELINES
+    #: downsampling's input sides in pixels (default: ``downsample_steps`` patches fewer per
+    #: side than the model's input)
+    downsample: Sequence[int] | None = None
+    downsample_steps: Sequence[int] = (2, 3, 4, 5, 6)
+
+
+@dataclass
+class _Pass:
+    cls: torch.Tensor  # [n, C]
+    heat: torch.Tensor | None  # [m, H, W]
+    tokens: list[float]  # mean tokens after each layer (empty for the unreduced model)
+
+
+def check_datasets(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, or ``ValueError`` naming the accepted datasets."""
+    bad = [d for d in names if d not in DATASETS]
+    if bad or not names:
+        raise ValueError(f"unknown datasets {bad or list(names)}; accepted: {', '.join(DATASETS)}")
+    return tuple(names)
+
+
+def _load_data(name: str, n: int, seed: int) -> tuple[list[Any], np.ndarray]:
+    from .. import data
+
+    if name == "fashion-mnist":
+        imgs, labels = data.fashion_mnist("test", n=n, seed=seed)
+        return data.to_rgb_pil(imgs), np.asarray(labels)
+    if name == "textiles":
+        imgs, labels, _ = data.textiles(n=n, seed=seed)
+        return list(imgs), np.asarray(labels)
+    if name == "photos":
+        imgs, labels, _ = data.natural_crops(n, seed=seed)
+        return imgs, labels
+    check_datasets([name])
+    raise AssertionError(name)  # unreachable: check_datasets refused it
+
+
+def _calibration_images(name: str, cfg: VisionBenchConfig) -> list[Any]:
+    """Unlabelled images of dataset ``name`` for calibrated methods (Fashion-MNIST: the train
+    split, disjoint from the evaluated test images; textiles: another seeded subsample;
+    photos: crops with another seed)."""
+    from .. import data
+
+    n = max(64, min(256, cfg.n // 2))
+    if name == "fashion-mnist":
+        return data.to_rgb_pil(data.fashion_mnist("train", n=n, seed=cfg.seed)[0])
+    if name == "photos":
+        return data.natural_crops(n, seed=cfg.seed + 1)[0]
+    return [im for _, im in data.photos()] + list(data.textiles(n=n, seed=cfg.seed + 1)[0])
+
+
+def _batches(n: int, bs: int) -> list[slice]:
+    return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+
+@torch.inference_mode()
+def _forward_all(
+    vm,
+    pixels: torch.Tensor,
+    decoder,
+    n_sal: int,
+    bs: int,
+    patched: bool,
+    tick: Callable,
+    heat_size: tuple[int, int] | None = None,
+) -> _Pass:
+    """CLS features, saliency heatmaps (at ``heat_size``, default the input's) and mean token
+    counts of ``pixels``, in batches of ``bs``."""
+    cls, heats, counts = [], [], []
+    for sl in _batches(len(pixels), bs):
+        tok = vm.tokens(pixels[sl])
+        cls.append(tok[:, 0].float())
+        if patched:
+            st = state(vm.model)
+            counts.append(torch.stack([c.float() for c in st.tokens_per_layer], 1))
+        if decoder is not None and sl.start < n_sal:
+            full = state(vm.model).unmerge(tok) if patched else tok
+            patches = full[:, vm.num_prefix_tokens :]
+            heats.append(decoder(patches, out_size=heat_size)[: n_sal - sl.start])
+        tick(sl.stop - sl.start)
+    tokens = torch.cat(counts).mean(0).tolist() if counts else []
+    return _Pass(torch.cat(cls), torch.cat(heats) if heats else None, tokens)
+
+
+def run(
+    cfg: VisionBenchConfig,
+    progress: Callable[[int], None] | None = None,
+    plan: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark on every dataset of ``cfg``.
+
+    Returns ``{"rows": [...], "base": {dataset: {...}}, "hardest": [datasets]}``: the rows
+    in dataset order, each carrying its ``dataset``; the unreduced model's accuracies per
+    dataset; the datasets hardest first (:func:`hardest_first`). ``progress(k)`` is called
+    after every ``k`` images, ``plan(total)`` once the number of images to run is known (after
+    the model is loaded)."""
+    from .. import zoo
+
+    datasets = check_datasets(cfg.datasets)  # refused before the model loads
+    unknown = set(cfg.tasks) - TASKS
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; accepted: {sorted(TASKS)}")
+    torch.manual_seed(cfg.seed)
+    vm = zoo.load_vision(cfg.model, backend=cfg.backend)
+    want_sal = "saliency" in cfg.tasks and cfg.model == "dinov2-s"
+    decoder = zoo.load_saliency_decoder() if want_sal else None
+    configs, ladder = _method_configs(cfg), _downsample_ladder(cfg, vm)
+    if plan is not None:
+        plan(cfg.n * len(datasets) * (1 + len(configs) + len(ladder)))
+    rows: list[dict[str, Any]] = []
+    base: dict[str, dict[str, Any]] = {}
+    for name in datasets:
+        ds_rows, base[name] = _run_dataset(cfg, name, vm, decoder, configs, ladder, progress)
+        versus_downsampling(ds_rows)
+        rows += ds_rows
+    order = hardest_first(rows)
+    return {"rows": rows, "base": base, "hardest": order + [d for d in datasets if d not in order]}
+
+
+def hardest_first(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The datasets of ``rows`` by mean ``cosine_p05`` over their rows, lowest (hardest)
+    first; ties keep the rows' order."""
+    seen: dict[str, list[float]] = {}
+    for r in rows:
+        seen.setdefault(r["dataset"], []).append(r["cosine_p05"])
+    return sorted(seen, key=lambda d: float(np.mean(seen[d])))
+
+
+def _run_dataset(
+    cfg: VisionBenchConfig,
+    name: str,
+    vm,
+    decoder,
+    configs: list[tuple[str, Budget]],
+    ladder: list[int],
+    progress: Callable[[int], None] | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every configuration on one dataset: its rows and the unreduced model's accuracies."""
+    tick = progress or (lambda k: None)
+    images, labels = _load_data(name, cfg.n, cfg.seed)
+    pixels = vm.preprocess(images)
+    n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
+    y = torch.as_tensor(labels)
+
+    base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
+    knn_base = M.knn_predict(base.cls, y).numpy()
+    cost = adapter_for(vm.model).target(vm.model).cost  # the analytic FLOPs model
+    n0 = _n_tokens(vm)
+
+    def batch_of(x: torch.Tensor) -> torch.Tensor:
+        return x[torch.arange(cfg.batch_size) % len(x)]
+
+    full = batch_of(pixels)
+
+    def timed(other: torch.Tensor, toggle: Callable[[bool], None] | None = None) -> Timing | None:
+        """Interleaved timing on this dataset's images: the full batch unpatched, against
+        ``other`` (patched by ``toggle``, or smaller images)."""
+        if "speed" not in cfg.tasks:
+            return None
+        return interleave(
+            lambda: vm.tokens(full),
+            lambda: vm.tokens(other),
+            cfg.batch_size,
+            cfg.timing_runs,
+            between=toggle,
+        )
+
+    runs: list[_Config] = []
+    cal_pixels = None
+    for method_name, budget in configs:
+        method = get_method(method_name, r=budget, **cfg.method_params.get(method_name, {}))
+        if hasattr(method, "calibrate"):  # DToMe: thresholds from this dataset's held-out images
+            if cal_pixels is None:
+                cal_pixels = vm.preprocess(_calibration_images(name, cfg))
+            with torch.inference_mode():
+                method.calibrate(vm.model, cal_pixels, forward=lambda m, x: vm.tokens(x))
+        with patched(vm.model, method):
+            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick)
+        label = budget_label(budget)
+        params = report.method_params(method, label)
+        runs.append(_Config(method_name, label, params, p, cost.ratio(n0, p.tokens), method))
+    for size in ladder:
+        small = vm.preprocess(images, size=size)
+        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, pixels.shape[-2:])
+        n = _n_tokens(vm, size)
+        p.tokens = [float(n)] * cost.depth
+        flops = cost.flops(n, p.tokens) / cost.flops(n0, [n0] * cost.depth)
+        # only the timing batch is kept, not all the smaller images
+        runs.append(_Config("downsample", f"{size}px", {"size": size}, p, flops, batch_of(small)))
+
+    feats = [base.cls.numpy()] + [c.out.cls.numpy() for c in runs]
+    probe_preds = M.probe_predict(feats[0], labels, feats, seed=cfg.seed)
+    probe_base = probe_preds[0]
+    knn_ok, probe_ok = M.proportion(knn_base == labels), M.proportion(probe_base == labels)
+    base_row = {
+        "n": len(labels),
+        "classes": int(labels.max()) + 1,
+        "knn_acc": knn_ok.value,
+        "knn_acc_se": knn_ok.se,
+        "probe_acc": probe_ok.value,
+        "probe_acc_se": probe_ok.se,
+        "cosine": 1.0,
+    }
+    rows = []
+    for c, probe in zip(runs, probe_preds[1:], strict=True):
+        timing = (
+            timed(c.setup)
+            if isinstance(c.setup, torch.Tensor)
+            else timed(full, toggle(vm.model, c.setup))
+        )
+        row = {
+            "model": cfg.model,
+            "backend": cfg.backend,
+            "dataset": name,
+            "n": len(labels),
+            "method": c.name,
+            "budget": c.label,
+            "params": c.params,
+            "batch_size": cfg.batch_size,
+            "tokens_per_layer": [round(t, 1) for t in c.out.tokens],
+            "flops_ratio": c.flops_ratio,
+            "throughput_ratio": timing and timing.ratio,
+            "base_items_per_s": timing and timing.base_items_per_s,
+            "items_per_s": timing and timing.reduced_items_per_s,
+        }
+        row |= _quality(c.out, base, labels, knn_base, probe, probe_base, cfg.seed)
+        row["knn_acc_base"], row["probe_acc_base"] = base_row["knn_acc"], base_row["probe_acc"]
+        rows.append(row)
+    return rows, base_row
+
+
+def _quality(
+    p: _Pass,
+    base: _Pass,
+    labels: np.ndarray,
+    knn_base: np.ndarray,
+    probe: np.ndarray,
+    probe_base: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """A configuration's quality against the unreduced model's on the same images."""
+    knn = M.knn_predict(p.cls, torch.as_tensor(labels)).numpy()
+    cos = M.cosine(p.cls, base.cls)
+    knn_drop = M.paired_difference(knn == labels, knn_base == labels)
+    probe_drop = M.paired_difference(probe == labels, probe_base == labels)
+    knn_agree, probe_agree = M.proportion(knn == knn_base), M.proportion(probe == probe_base)
+    out = {
+        "cosine": float(cos.mean()),
+        "cosine_p05": float(np.percentile(cos, 5)),
+        "cosine_p05_se": M.bootstrap_se(cos, partial(np.percentile, q=5), seed=seed),
+        "knn_acc": M.proportion(knn == labels).value,
+        "knn_drop": -knn_drop.value,
+        "knn_drop_se": knn_drop.se,
+        "knn_agreement": knn_agree.value,
+        "knn_agreement_se": knn_agree.se,
+        "probe_acc": M.proportion(probe == labels).value,
+        "probe_drop": -probe_drop.value,
+        "probe_drop_se": probe_drop.se,
+        "agreement": probe_agree.value,
+        "agreement_se": probe_agree.se,
+        "saliency_r": None,
+        "saliency_iou": None,
+    }
+    if p.heat is not None:
+        out["saliency_r"] = float(M.pearson(p.heat, base.heat).mean())
+        out["saliency_iou"] = float(M.top_iou(p.heat, base.heat).mean())
+    return out
+
+
+def _n_tokens(vm, size: int | None = None) -> int:
+    """Tokens entering the first block for ``size`` px inputs (default: the model's size)."""
+    grid = vm.grid if size is None else size // vm.patch_size
+    return grid * grid + vm.num_prefix_tokens
+
+
+@dataclass
+class _Config:
+    """One row to measure: a method at a budget, or a baseline."""
+
+    name: str
+    label: str  # the budget column
+    params: dict[str, Any]
+    out: _Pass
+    flops_ratio: float
+    setup: Method | torch.Tensor  # the method to patch, or a batch of downsampling's images
+
+
+def _method_configs(cfg: VisionBenchConfig) -> list[tuple[str, Budget]]:
+    """(method, budget) pairs: each method at its budgets, then random pruning at the shared
+    budgets when it is a baseline and not already a method."""
+    names = list(cfg.methods)
+    if "random" in cfg.baselines and "random" not in names:
+        names.append("random")
+    return [(m, b) for m in names for b in cfg.method_budgets.get(m, cfg.budgets)]
+
+
+def _downsample_ladder(cfg: VisionBenchConfig, vm) -> list[int]:
+    if "downsample" not in cfg.baselines:
+        return []
+    if vm.patch_size is None:
+        raise ValueError(f"{cfg.model} has no known patch size: run it with baselines=()")
+    sizes = cfg.downsample or downsample_sizes(vm.image_size, vm.patch_size, cfg.downsample_steps)
+    too_big = [s for s in sizes if not vm.patch_size <= s < vm.image_size]
+    if too_big:
+        raise ValueError(
+            f"downsampling sizes must lie in [{vm.patch_size}, {vm.image_size}) px, got {too_big}"
+        )
+    return list(sizes)

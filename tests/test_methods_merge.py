@@ -21,7 +21,7 @@ from test_reduction import naive_split
 import tokenmerge as tm
 from tokenmerge.core.budget import as_budget
 from tokenmerge.core.state import Signals, TokenState
-from tokenmerge.methods.dtome import DToMe, batch_threshold, tokens_reached
+from tokenmerge.methods.dtome import DToMe, batch_threshold
 from tokenmerge.methods.matching import best_edges
 from tokenmerge.methods.pitome import PiToMe
 from tokenmerge.methods.tofu import ToFu
@@ -297,7 +297,7 @@ def test_dtome_calibration_merges_top_edges_of_the_batch():
     patch = tm.patch_of(model)
     n0, p = 69, 5  # 64 patches + CLS + 4 registers
     for budget in [6, (6, -0.5), tm.KeepRatio(0.8), [4, 8, 2]]:
-        dt.calibrate(model, [x], r=budget)
+        tm.calibrate(model, dt, [x], r=budget)
         counts = torch.stack(tm.state(model).tokens_per_layer).double()
         schedule = as_budget(budget).schedule(n0, p, patch.target.cost, dt.max_r)
         expected = patch.target.cost.tokens(n0, schedule)
@@ -307,10 +307,15 @@ def test_dtome_calibration_merges_top_edges_of_the_batch():
     tm.remove(model)
 
 
+def _tokens_reached(model):
+    s = tm.summary(model)
+    return s["tokens_per_layer"][-1], s["tokens_per_layer_std"][-1]
+
+
 def _held_out_mean(model, run, method, x):
     with tm.patched(model, method):
         run(model, x)
-        return tokens_reached(model)
+        return _tokens_reached(model)
 
 
 @torch.no_grad()
@@ -318,7 +323,7 @@ def test_dtome_calibration_reaches_target_on_held_out_images_tiny():
     model, run = make("hf-dinov2-sdpa")  # 64 patches + CLS, 3 layers
     calib = images(96, seed=11)
     held_out = images(48, seed=12)
-    dt = DToMe().calibrate(model, calib, target_tokens=35, batch_size=16)
+    dt = tm.calibrate(model, DToMe(), calib, target_tokens=35, batch_size=16)
     mean, std = _held_out_mean(model, run, dt, held_out)
     assert abs(mean - 35) <= 0.05 * 35, (mean, std, dt.thresholds)
     assert std > 0  # the count is per image
@@ -338,10 +343,10 @@ def test_dtome_calibration_reaches_target_on_held_out_images_dinov2():
     x = vm.preprocess(ims)
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))
     calib, held_out = x[perm[:32]], x[perm[32:]]
-    dt = DToMe().calibrate(vm.model, calib, target_tokens=101, batch_size=8)
+    dt = tm.calibrate(vm.model, DToMe(), calib, target_tokens=101, batch_size=8)
     with tm.patched(vm.model, dt):
         vm.tokens(held_out)
-        mean, std = tokens_reached(vm.model)
+        mean, std = _tokens_reached(vm.model)
     assert abs(mean - 101) <= 0.05 * 101, (mean, std, dt.thresholds)
 
 
@@ -365,9 +370,9 @@ def test_dtome_batch_independence_is_exact_for_counts(name):
 def test_dtome_thresholds_are_the_running_mean_over_batches():
     model, _ = make("hf-vit-sdpa")
     x1, x2 = images(8, seed=21), images(8, seed=22)
-    t1 = DToMe().calibrate(model, [x1], r=6).thresholds
-    t2 = DToMe().calibrate(model, [x2], r=6).thresholds
-    both = DToMe().calibrate(model, [x1, x2], r=6).thresholds
+    t1 = tm.calibrate(model, DToMe(), [x1], r=6).thresholds
+    t2 = tm.calibrate(model, DToMe(), [x2], r=6).thresholds
+    both = tm.calibrate(model, DToMe(), [x1, x2], r=6).thresholds
     assert not torch.equal(t1, t2)
     torch.testing.assert_close(both, (t1 + t2) / 2)
 
@@ -375,7 +380,7 @@ def test_dtome_thresholds_are_the_running_mean_over_batches():
 @torch.no_grad()
 def test_dtome_state_dict_round_trip():
     model, run = make("timm-deit-distilled")
-    dt = DToMe().calibrate(model, images(16, seed=4), r=5, batch_size=8)
+    dt = tm.calibrate(model, DToMe(), images(16, seed=4), r=5, batch_size=8)
     buf = io.BytesIO()
     torch.save(dt.state_dict(), buf)
     buf.seek(0)
@@ -397,11 +402,13 @@ def test_dtome_errors():
     with tm.patched(model, DToMe()), pytest.raises(ValueError, match="calibrate"):
         run(model, images())
     with tm.patched(model, tm.ToMe(r=2)), pytest.raises(ValueError, match="patched with"):
-        DToMe().calibrate(model, [images()], r=2)
+        tm.calibrate(model, DToMe(), [images()], r=2)
     with pytest.raises(ValueError):
-        DToMe().calibrate(model, [], r=2)
+        tm.calibrate(model, DToMe(), [], r=2)
     with pytest.raises(RuntimeError):
         DToMe().state_dict()
+    with pytest.raises(TypeError, match="calibrated methods: dtome"):
+        tm.calibrate(model, tm.ToMe(r=2), [images()])
     assert not hasattr(model, "_tokenmerge_patch")
 
 

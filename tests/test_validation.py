@@ -671,9 +671,9 @@ def test_dtome_thresholds_and_calibration_inputs():
     model = _tiny_vit()
     for bad, match in [(6.5, "TargetTokens.tokens"), ("64", "TargetTokens.tokens"), (0, ">= 1")]:
         with refused(match):
-            DToMe().calibrate(model, [torch.zeros(1, 3, 32, 32)], target_tokens=bad)
+            tm.calibrate(model, DToMe(), [torch.zeros(1, 3, 32, 32)], target_tokens=bad)
     with refused("batch_size must be an int >= 1"):
-        DToMe().calibrate(model, torch.zeros(2, 3, 32, 32), target_tokens=16, batch_size=0)
+        tm.calibrate(model, DToMe(), torch.zeros(2, 3, 32, 32), target_tokens=16, batch_size=0)
     assert not hasattr(model, "_tokenmerge_patch")
 
 

@@ -21,6 +21,7 @@ from .core import (
     TokenState,
 )
 from .methods import REGISTRY, Method, ToMe, get_method
+from .tune import Plan, autotune, calibrate
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "KeepRatio",
     "Method",
     "PerLayer",
+    "Plan",
     "ReducedCache",
     "Reduction",
     "ReductionNotApplied",
@@ -42,6 +44,8 @@ __all__ = [
     "TokenState",
     "UnsupportedModelError",
     "apply",
+    "autotune",
+    "calibrate",
     "chunked_prefill",
     "get_method",
     "patch_of",

@@ -19,8 +19,12 @@ def supported_families() -> list[str]:
     return [f"{a.family}: {a.description}" for a in ADAPTERS]
 
 
-def apply(model: nn.Module, method: Method) -> nn.Module:
+def apply(model: nn.Module, method: Method, *, input_scale: float | None = None) -> nn.Module:
     """Patch ``model`` in place so that ``method`` reduces its tokens; returns ``model``.
+
+    ``input_scale`` (vision models) also downsamples every input: each image side is resized
+    to that fraction (whole patches) on entry, with the position table interpolated by the
+    framework (:mod:`tokenmerge.adapters.resize`). The caller keeps passing full-size images.
 
     Raises:
         ValueError: the model, one of its submodules or a model it is part of is already
@@ -49,7 +53,7 @@ def apply(model: nn.Module, method: Method) -> nn.Module:
             f"{adapter.family} adapter does not offer (it offers "
             f"{', '.join(sorted(adapter.sites))})"
         )
-    patch = Patch(model, method, adapter.target(model))
+    patch = Patch(model, method, adapter.target(model), input_scale=input_scale)
     patch.install()
     return model
 
@@ -123,9 +127,11 @@ def summary(model: nn.Module) -> dict[str, object]:
 
 
 @contextmanager
-def patched(model: nn.Module, method: Method) -> Iterator[nn.Module]:
+def patched(
+    model: nn.Module, method: Method, *, input_scale: float | None = None
+) -> Iterator[nn.Module]:
     """``with tm.patched(model, tm.ToMe(r=8)): ...`` applies on entry and removes on exit."""
-    apply(model, method)
+    apply(model, method, input_scale=input_scale)
     try:
         yield model
     finally:

@@ -32,6 +32,7 @@ from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from ..methods.base import Method, has_work
 from .base import ATTR, CLAIM, ContextSlot, Target, not_applied
+from .resize import check_input_scale, resize_hook
 
 
 @dataclass
@@ -68,10 +69,16 @@ class Patch:
     and per-forward state do not pickle).
     """
 
-    def __init__(self, model: nn.Module, method: Method, target: Target) -> None:
+    def __init__(
+        self, model: nn.Module, method: Method, target: Target, input_scale: float | None = None
+    ) -> None:
         self.model = model
         self.method = method
         self.target = target
+        #: each image side's fraction, resized on entry (:mod:`.resize`); ``None``: as given
+        self.input_scale = (
+            None if input_scale is None else check_input_scale(model, target, input_scale)
+        )
         self.prop_attn = target.prop_attn if method.prop_attn is None else method.prop_attn
         self._run = ContextSlot(f"tokenmerge_run_{id(self)}")  # the current forward (_Run)
         self._call = ContextSlot(f"tokenmerge_call_{id(self)}")  # the entry call in progress
@@ -116,6 +123,8 @@ class Patch:
         t, spec = self.target, self.target.spec
         overrides: list[tuple[object, str, Any]] = []
         hooks: list[tuple[nn.Module, str, Callable]] = []
+        if self.input_scale is not None:  # first: every later hook sees the resized input
+            hooks.append((self.model, "pre", resize_hook(self.model, t, self.input_scale)))
         for i, block in enumerate(t.blocks):
             overrides.append((block, "forward", self._make_forward(block, i)))
             hooks.append((spec.k(block), "post", _capture(self._cap, "k")))
@@ -171,7 +180,7 @@ class Patch:
             clone = copy.deepcopy(self.model, memo)
         finally:
             self.install()
-        return apply(clone, copy.deepcopy(self.method, memo))
+        return apply(clone, copy.deepcopy(self.method, memo), input_scale=self.input_scale)
 
     # ------------------------------------------------------------------ per-forward state
     @property

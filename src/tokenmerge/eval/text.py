@@ -41,6 +41,7 @@ import torch
 from ..api import apply, remove
 from ..core.budget import Budget, budget_label
 from ..methods.base import Method, get_method
+from ..tune.calibration import Calibrated, calibrate
 from . import metrics as M
 from . import report
 from .throughput import compare
@@ -253,10 +254,10 @@ def run(cfg: TextBenchConfig, progress: Callable[[int], None] | None = None) -> 
     calibration: list[dict] | None = None
     for name, budget in configs:
         method = get_method(name, r=budget, **cfg.method_params.get(name, {}))
-        if hasattr(method, "calibrate"):  # DToMe: thresholds from held-out unlabelled texts
+        if isinstance(method, Calibrated):  # DToMe: thresholds from held-out unlabelled texts
             calibration = calibration or _calibration_batches(st, cfg, sets)
             with torch.inference_mode():
-                method.calibrate(st, calibration, forward=lambda m, f: m(dict(f)))
+                calibrate(st, method, calibration, forward=lambda m, f: m(dict(f)))
         apply(st, method)
         try:
             passes.append(

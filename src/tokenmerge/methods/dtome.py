@@ -4,14 +4,13 @@ Virtual Unmerging for Efficient VLMs", arXiv:2504.17040, 2025)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.budget import Budget, TargetTokens, as_budget, as_int, show_value
+from ..core.budget import Budget, as_budget, show_value
 from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import Method, register
@@ -48,19 +47,6 @@ class _Calibration:
         self.count[layer] = self.count.get(layer, 0) + 1
 
 
-def _forward(model: nn.Module, batch: Any) -> Any:
-    return model(**batch) if isinstance(batch, dict) else model(batch)
-
-
-def tokens_reached(model: nn.Module) -> tuple[float, float]:
-    """Mean and (population) standard deviation of the tokens per sample after the last
-    patched layer of ``model``'s latest forward (padding not counted)."""
-    from ..api import state
-
-    counts = state(model).tokens_per_layer[-1].double()
-    return float(counts.mean()), float(counts.std(correction=0))
-
-
 @register
 @dataclass
 class DToMe(Method):
@@ -75,7 +61,8 @@ class DToMe(Method):
     merges depend on its own tokens only, so its token counts do not depend on the batch
     (calibration, by design, is batch-level).
 
-    Calibration (``calibrate``, on unlabelled images), per batch of ``B`` images and block
+    Calibration (``tm.calibrate(model, dtome, images, target_tokens=...)``, on unlabelled
+    images), per batch of ``B`` images and block
     ``l`` with schedule ``r_l`` (the method's budget, e.g. ``TargetTokens``: the constant
     ``r`` that reaches the target mean token count after the last block, DyMU's even split of
     the total):
@@ -89,7 +76,7 @@ class DToMe(Method):
     ``state_dict`` / ``load_state_dict``. ``r`` is the calibration budget only: at inference
     the thresholds alone decide. ``example(r)`` (the adapter test matrix, no calibration data)
     uses a fixed ``τ = 0.9`` in every block, or ``τ = inf`` (nothing merged) for ``r = 0``.
-    ``tokens_reached(model)`` reports the mean ± std of the tokens kept.
+    ``tm.summary(model)`` reports the mean ± std of the tokens kept.
 
     Measured on DINOv2-S (calibrated on 64 textile images, 32 others held out): the held-out
     mean lands within 2% of ToMe's count at the same ``r`` (113.6 ± 15.4 tokens vs 113 at
@@ -147,7 +134,8 @@ class DToMe(Method):
         t = self.thresholds
         if t is None:
             raise ValueError(
-                "DToMe has no thresholds: call calibrate(model, batches, target_tokens=...) "
+                "DToMe has no thresholds: call tm.calibrate(model, dtome, batches, "
+                "target_tokens=...) "
                 "or load_state_dict(...) first, or pass thresholds=..."
             )
         if t.dim() == 0:
@@ -181,68 +169,20 @@ class DToMe(Method):
         return Reduction.from_targets(target.masked_fill(~state.valid, -1))
 
     # ------------------------------------------------------------------ calibration
-    @torch.no_grad()
-    def calibrate(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any] | Tensor,
-        target_tokens: int | None = None,
-        r: Any = None,
-        *,
-        batch_size: int = 32,
-        forward: Callable[[nn.Module, Any], Any] | None = None,
-    ) -> DToMe:
-        """Find the thresholds on unlabelled data; returns ``self``.
+    def begin_calibration(self, budget: Budget) -> None:
+        """Record ``τ_l^batch`` at ``budget`` in every following forward (``tm.calibrate``)."""
+        self._calib = _Calibration(budget)
 
-        Args:
-            model: the model, unpatched (patched here for the duration) or patched with
-                this very method.
-            batches: an iterable of input batches, or one tensor of inputs cut into
-                ``batch_size`` chunks. Each batch is run as ``model(batch)`` (``model(**batch)``
-                for a dict) unless ``forward(model, batch)`` is given.
-            target_tokens: mean tokens per sample to reach after the last layer (a
-                :class:`~tokenmerge.core.budget.TargetTokens` budget).
-            r: any other budget (int, ``(r, inflection)``, list, ``KeepRatio``, ...): the
-                average number of merges per layer. Default: the method's own ``r``.
-
-        Calibration replaces earlier thresholds (a running mean over this call's batches).
-        """
-        from ..api import apply, patch_of, remove
-
-        if target_tokens is not None and r is not None:
-            raise ValueError("give either target_tokens or r, not both")
-        batch_size = as_int(batch_size, "batch_size", minimum=1)
-        budget = TargetTokens(target_tokens) if target_tokens is not None else None
-        budget = budget or as_budget(self.r if r is None else r)
-        if isinstance(batches, Tensor):
-            batches = batches.split(batch_size)
-        run = forward or _forward
-        owner = getattr(model, "_tokenmerge_patch", None)
-        if owner is not None and owner.method is not self:
-            raise ValueError(
-                f"the model is patched with {owner.method!r}; remove it first or calibrate "
-                "with the DToMe instance it is patched with"
-            )
-        if owner is None:
-            apply(model, self)
-        depth = len(patch_of(model).target.blocks)
-        calib = self._calib = _Calibration(budget)
-        n = 0
-        try:
-            for batch in batches:
-                run(model, batch)
-                n += 1
-        finally:
-            self._calib = None
-            if owner is None:
-                remove(model)
-        if n == 0:
-            raise ValueError("calibrate needs at least one batch")
+    def end_calibration(self, depth: int, batches: int) -> None:
+        """Stop recording; with ``batches > 0``, ``τ_l`` = the mean of the recorded values
+        (``inf``, nothing merged, for a block that never ran)."""
+        calib, self._calib = self._calib, None
+        if calib is None or batches == 0:
+            return
         seen = calib.count
         means = [calib.total[i] / seen[i] if i in seen else math.inf for i in range(depth)]
         self.thresholds = torch.tensor(means, dtype=torch.float32)
-        self._batches = n
-        return self
+        self._batches = batches
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ import torch
 from ...api import adapter_for, patched, state
 from ...core.budget import Budget, budget_label
 from ...methods.base import Method, get_method
+from ...tune.calibration import Calibrated, calibrate
 from .. import metrics as M
 from .. import report
 from ..baselines import BASELINES, downsample_sizes, versus_downsampling
@@ -216,11 +217,11 @@ def _run_dataset(
     cal_pixels = None
     for method_name, budget in configs:
         method = get_method(method_name, r=budget, **cfg.method_params.get(method_name, {}))
-        if hasattr(method, "calibrate"):  # DToMe: thresholds from this dataset's held-out images
+        if isinstance(method, Calibrated):  # DToMe: thresholds from this dataset's held-out images
             if cal_pixels is None:
                 cal_pixels = vm.preprocess(_calibration_images(name, cfg))
             with torch.inference_mode():
-                method.calibrate(vm.model, cal_pixels, forward=lambda m, x: vm.tokens(x))
+                calibrate(vm.model, method, cal_pixels, forward=lambda m, x: vm.tokens(x))
         with patched(vm.model, method):
             p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick)
         label = budget_label(budget)

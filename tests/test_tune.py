@@ -47,6 +47,8 @@ def test_input_scale_timm_needs_dynamic_img_size():
     ref = dyn(_small(x, 16))
     with tm.patched(dyn, tm.ToMe(r=0), input_scale=0.5):
         torch.testing.assert_close(dyn(x), ref, atol=1e-5, rtol=1e-5)
+        with pytest.raises(tm.ReductionNotApplied, match="bypassed"):
+            dyn.forward_features(x)  # skips the resize: refused, never a silent full size
         clone = copy.deepcopy(dyn)  # a deep copy keeps the input scale
     torch.testing.assert_close(clone(x), ref, atol=1e-5, rtol=1e-5)
 
@@ -219,3 +221,22 @@ def test_autotune_refuses_bad_input_before_any_work():
     )
     with pytest.raises(ValueError, match="vision"):
         autotune(text, x, flops=0.5)
+
+
+@pytest.mark.real
+def test_tune_cli_writes_a_plan_for_the_zoo_model(tmp_path, capsys):
+    from tokenmerge.cli.main import main
+
+    zoo = pytest.importorskip("tokenmerge.eval.zoo")
+    try:
+        zoo.load_vision("dinov2-s")
+    except (zoo.AssetError, zoo.MissingPackageError) as e:  # pragma: no cover - setup
+        pytest.skip(f"offline zoo unavailable: {e}")
+    out = tmp_path / "plan.json"
+    argv = ["tune", "--flops", "0.6", "--n", "24", "--time-budget", "1", "--out", str(out)]
+    assert main([*argv, "--batch-size", "12"]) == 0
+    plan = Plan.load(out)
+    assert plan.flops_ratio <= 0.6 and plan.fidelity["n"] == 8
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither a dataset"):
+        main(["tune", "--flops", "0.5", "--images", str(tmp_path / "nope")])

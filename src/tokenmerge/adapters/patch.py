@@ -84,8 +84,15 @@ class Patch:
         self._call = ContextSlot(f"tokenmerge_call_{id(self)}")  # the entry call in progress
         self._grid = ContextSlot(f"tokenmerge_grid_{id(self)}")  # (h, w) from the patch embedding
         self._cap = ContextSlot(f"tokenmerge_cap_{id(self)}")  # q/k captured in the attention call
+        self._resized = ContextSlot(f"tokenmerge_resized_{id(self)}")  # input_scale hook ran
         #: per-forward state cleared by :meth:`release` (attachments add their own)
-        self.slots: list[ContextSlot] = [self._run, self._call, self._grid, self._cap]
+        self.slots: list[ContextSlot] = [
+            self._run,
+            self._call,
+            self._grid,
+            self._cap,
+            self._resized,
+        ]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[object, str, bool, Any]] = []
         self._attachments: tuple[list, list] | None = None
@@ -124,7 +131,8 @@ class Patch:
         overrides: list[tuple[object, str, Any]] = []
         hooks: list[tuple[nn.Module, str, Callable]] = []
         if self.input_scale is not None:  # first: every later hook sees the resized input
-            hooks.append((self.model, "pre", resize_hook(self.model, t, self.input_scale)))
+            done = lambda: self._resized.set(True)  # noqa: E731
+            hooks.append((self.model, "pre", resize_hook(self.model, t, self.input_scale, done)))
         for i, block in enumerate(t.blocks):
             overrides.append((block, "forward", self._make_forward(block, i)))
             hooks.append((spec.k(block), "post", _capture(self._cap, "k")))
@@ -230,6 +238,16 @@ class Patch:
             )
 
     def _start(self, x: Tensor) -> _Run:
+        if self.input_scale is not None:
+            if not self._resized.get():
+                raise not_applied(
+                    "block",
+                    self.method,
+                    f"input_scale={self.input_scale:g} resizes the images in "
+                    f"{type(self.model).__name__}.__call__, which this forward bypassed (call "
+                    "the model itself, not forward_features or a submodule)",
+                )
+            self._resized.set(False)
         b, n, _ = x.shape
         p = min(self.target.n_prefix, n)
         if self.target.init is not None:

@@ -63,8 +63,11 @@ def scaled_side(side: int, scale: float, patch: int) -> int:
     return max(patch, round(side * scale / patch) * patch)
 
 
-def resize_hook(model: nn.Module, target: Target, scale: float) -> Callable:
-    """A forward pre-hook (with kwargs) on ``model`` that resizes its pixel input."""
+def resize_hook(
+    model: nn.Module, target: Target, scale: float, done: Callable[[], None]
+) -> Callable:
+    """A forward pre-hook (with kwargs) on ``model`` that resizes its pixel input and calls
+    ``done()`` (the patch checks that every forward went through it)."""
     patch = patch_size(target)
     params = inspect.signature(model.forward).parameters
     interpolate = "interpolate_pos_encoding" in params
@@ -87,6 +90,7 @@ def resize_hook(model: nn.Module, target: Target, scale: float) -> Callable:
             args = (pixels, *args[1:])
         if interpolate:
             kwargs = {**kwargs, "interpolate_pos_encoding": True}
+        done()
         return args, kwargs
 
     return hook

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..adapters import UnsupportedModelError
 from ..core.budget import parse_budget
+from . import tune
 
 
 def parse_params(items: Sequence[str]) -> dict[str, dict[str, object]]:
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("json", nargs="+", help="<name>.json written by `tokenmerge bench`")
     r.set_defaults(func=_report)
+
+    tune.add_parser(sub)
 
     ls = sub.add_parser("list", help="list the registered methods and model families")
     ls.set_defaults(func=_list)

@@ -164,6 +164,7 @@ class _Search:
         self.full_flops = self.cost.flops(self.n_native, [self.n_native] * self.cost.depth)
         self.t0, self.budget, self.bar = time.monotonic(), time_budget, bar
         self.evaluated: list[_Candidate] = []  # scored
+        self.scores: dict[tuple, _Candidate] = {}  # by (method, prop_attn, size, schedule)
         self.timings: list[_Candidate] = []  # timed
         self.ref = self.run_features(None, calib)
 
@@ -179,7 +180,7 @@ class _Search:
             self.bar.n = min(round(self.elapsed(), 1), self.budget)
             if best is not None:
                 self.bar.set_postfix_str(
-                    f"best {best.method} {best.size[0]}px tail cos {best.score:.4f}"
+                    f"last {best.method} {best.size[0]}px tail cos {best.score:.4f}"
                     + (f" {best.speedup:.2f}x" if best.speedup else "")
                 )
             self.bar.refresh()
@@ -239,8 +240,12 @@ class _Search:
         return torch.nn.functional.cosine_similarity(self.run_features(plan, images), ref, dim=-1)
 
     def score(self, c: _Candidate) -> _Candidate:
+        key = (c.method, c.prop_attn, c.size, c.schedule)
+        seen = self.scores.get(key)
+        if seen is not None:  # the same schedule from another shape or pass: no second run
+            return replace(c, score=seen.score, cosine=seen.cosine)
         cos = self.fidelity(c.plan(self.native, self.params), self.calib, self.ref)
-        out = replace(c, score=tail_score(cos), cosine=float(cos.mean()))
+        out = self.scores[key] = replace(c, score=tail_score(cos), cosine=float(cos.mean()))
         self.evaluated.append(out)
         self.tick(out)
         return out

@@ -36,7 +36,7 @@ def check_input_scale(model: nn.Module, target: Target, scale: Any) -> float:
             without ``dynamic_img_size``.
     """
     s = as_float(scale, "input_scale", lo=0.0, hi=1.0, lo_open=True, hint=" (each side's fraction)")
-    if target.grid_from is None or not target.family.startswith(("timm", "hf-")):
+    if target.grid_from is None:
         raise ValueError(
             f"input_scale resizes images, but the {target.family} adapter has no patch "
             "embedding to feed them to; it applies to vision models only"

@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,7 +47,7 @@ from ..adapters.resize import check_input_scale, patch_size, scaled_side
 from ..api import adapter_for, remove
 from ..core.budget import as_float, as_int
 from ..methods.base import REGISTRY, get_method
-from .calibration import Forward
+from .calibration import Forward, as_batches, default_forward
 from .plan import Plan
 
 #: the initial schedule shapes: knots (w(0), w(1/2), w(1))
@@ -88,13 +89,6 @@ def scaled_schedule(
 
 
 # ---------------------------------------------------------------------------------- model I/O
-def default_forward(model: nn.Module, pixels: Tensor) -> Any:
-    """``model(pixel_values=x)`` for transformers models, ``model(x)`` otherwise."""
-    if hasattr(model, "config") and hasattr(model.config, "model_type"):
-        return model(pixel_values=pixels)
-    return model(pixels)
-
-
 def default_features(output: Any) -> Tensor:
     """The feature compared: the first token (CLS) of ``last_hidden_state``, else the logits,
     else the output tensor itself (its first token if it has one)."""
@@ -223,18 +217,9 @@ class _Search:
     # -- measuring
     @torch.inference_mode()
     def run_features(self, plan: Plan | None, images: Tensor) -> Tensor:
-        if plan is not None:
-            plan.apply(self.model)
-        try:
-            return torch.cat(
-                [
-                    self.features(self.forward(self.model, x)).float()
-                    for x in images.split(self.batch_size)
-                ]
-            )
-        finally:
-            if plan is not None:
-                remove(self.model)
+        with nullcontext() if plan is None else plan.patched(self.model):
+            batches = as_batches(images, self.batch_size)
+            return torch.cat([self.features(self.forward(self.model, x)).float() for x in batches])
 
     def fidelity(self, plan: Plan, images: Tensor, ref: Tensor) -> Tensor:
         return torch.nn.functional.cosine_similarity(self.run_features(plan, images), ref, dim=-1)
@@ -326,8 +311,8 @@ def autotune(
         time_budget: seconds; the search stops refining once they are spent (the first
             candidate per input size and the final validation always run).
         timing_runs: interleaved timed pairs per speed measurement.
-        forward: ``forward(model, pixels)`` (default: ``pixel_values=`` for transformers
-            models, positional for timm).
+        forward: ``forward(model, pixels)`` (default: ``model(pixels)``, which the plan's
+            resize hook and transformers' and timm's vision models all take).
         features: the ``[B, C]`` features compared, from the model's output (default: the
             CLS token of ``last_hidden_state``, else the logits).
         progress: a progress bar over the time budget on stderr.

@@ -10,13 +10,14 @@ import torch
 from tokenmerge.eval.baselines import (
     at_speed,
     downsample_sizes,
+    matched_speed,
     parse_baselines,
-    versus_downsampling,
+    versus,
 )
 
 
 def test_downsample_sizes_remove_whole_patches_per_side():
-    assert downsample_sizes(224, 14) == [196, 182, 168, 154, 140]
+    assert downsample_sizes(224, 14) == [210, 196, 182, 168, 154, 140]
     assert downsample_sizes(224, 14, (4, 2)) == [196, 168]
     assert downsample_sizes(64, 16, (1, 2, 3)) == [48, 32]  # a 1-patch side is left out
 
@@ -54,7 +55,7 @@ def test_versus_downsampling_subtracts_the_ladder_at_the_method_speed():
     fast = {"method": "tome", "throughput_ratio": 3.0, "cosine_p05": 0.5, "agreement": 0.5}
     untimed = {"method": "tome", "throughput_ratio": None, "cosine_p05": 0.9, "agreement": 0.9}
     rows = [tome, fast, untimed, *ladder]
-    versus_downsampling(rows)
+    versus(rows)
     assert tome["vs_downsample_cosine_p05"] == pytest.approx(0.98 - 0.97)
     assert tome["vs_downsample_agreement"] == pytest.approx(0.99 - 0.96)
     assert fast["vs_downsample_cosine_p05"] is None  # beyond the ladder: no extrapolation
@@ -76,7 +77,7 @@ def test_versus_downsampling_stays_within_a_dataset():
          "agreement": 1.0}  # fmt: skip
     a_fast = a | {"throughput_ratio": 2.5}
     b = a | {"dataset": "b"}
-    versus_downsampling([a, a_fast, b, *rows])
+    versus([a, a_fast, b, *rows])
     assert a["vs_downsample_cosine_p05"] == pytest.approx(0.9 - 0.85)
     assert b["vs_downsample_cosine_p05"] == pytest.approx(0.9 - 0.97)
     assert a_fast["vs_downsample_cosine_p05"] is None
@@ -127,3 +128,50 @@ def test_hf_vit_gets_interpolate_pos_encoding():
         want = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
     assert out.shape == (1, 10, 32)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_versus_tome_reads_the_constant_r_curve_and_skips_its_own_rows():
+    curve = [_row("tome", 1.2, 0.95, 0.9), _row("tome", 2.0, 0.75, 0.7)]
+    plan = _row("autotune", 1.6, 0.9, 0.85)
+    versus([*curve, plan], "tome")
+    assert plan["vs_tome_cosine_p05"] == pytest.approx(0.9 - 0.85)
+    assert plan["vs_tome_agreement"] == pytest.approx(0.85 - 0.8)
+    assert all("vs_tome_cosine_p05" not in r for r in curve)
+
+
+def test_matched_speed_reads_every_curve_at_the_same_speeds():
+    rows = [
+        _row("tome", 1.2, 0.96, 0.92),
+        _row("tome", 2.2, 0.76, 0.72),
+        _row("pitome", 1.4, 0.90, 0.90),
+        _row("pitome", 1.8, 0.70, 0.70),
+        _row("downsample", 1.1, 0.97, 0.95),
+        _row("downsample", 2.5, 0.93, 0.81),
+        _row("autotune", 1.6, 0.96, 0.9),
+    ]
+    out = matched_speed(rows, speeds=(1.3, 2.0))
+    assert [e["speed"] for e in out] == [1.3, 1.6, 2.0]
+    first, mid, last = out
+    # slow reference: the straight line through each curve's two points
+    for e in out:
+        for name in ("tome", "downsample"):
+            pts = [r for r in rows if r["method"] == name]
+            (s0, a), (s1, b) = [(r["throughput_ratio"], r["cosine_p05"]) for r in pts]
+            want = a + (b - a) * (e["speed"] - s0) / (s1 - s0)
+            assert e["curves"][name]["cosine_p05"] == pytest.approx(want)
+    assert "pitome" not in first["curves"] and "pitome" not in last["curves"]  # outside 1.4-1.8
+    assert mid["curves"]["pitome"]["cosine_p05"] == pytest.approx(0.8)
+    assert mid["point"]["method"] == "autotune" and first["point"] is None
+    assert "autotune" not in mid["curves"]  # a plan is a point, not a curve
+    assert first["best"] == "tome"  # downsampling is higher, but it is a baseline
+    assert mid["best"] == "tome"  # 0.88 against pitome's 0.80
+
+
+def _row(method, speed, p05, agree, dataset="textiles"):
+    return {
+        "method": method,
+        "dataset": dataset,
+        "throughput_ratio": speed,
+        "cosine_p05": p05,
+        "agreement": agree,
+    }

@@ -68,8 +68,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"cannot tell what kind of model {args.model!r} is; pass --kind vision|text|llm"
         )
-    if args.baselines is not None and kind != "vision":
-        raise SystemExit(f"--baselines applies to vision benchmarks, not to {kind} ones")
+    for flag in ("baselines", "autotune", "plan"):
+        if getattr(args, flag) is not None and kind != "vision":
+            raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
     module = importlib.import_module(f"tokenmerge.eval.{kind}")
     return module.cli_main(args)
 
@@ -158,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines",
         help="vision: baselines run beside the methods, downsample,random (default) or none; "
         "--budgets-for downsample=182,168 sets the input sides",
+    )
+    b.add_argument(
+        "--autotune",
+        help="vision: comma-separated measured speed-ups (e.g. 1.5,2) to autotune for on each "
+        "data set's calibration images; one 'autotune' row each",
+    )
+    b.add_argument(
+        "--autotune-methods", help="vision: methods the autotuner may choose (default: tome)"
+    )
+    b.add_argument(
+        "--autotune-time", type=float, help="vision: seconds per autotune search (default 120)"
+    )
+    b.add_argument(
+        "--plan", action="append", help="vision: a plan JSON from `tokenmerge tune` to measure"
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="docs/results", help="output folder")

@@ -68,10 +68,12 @@ FLAG = "†"
 def _cell(
     row: dict[str, Any], key: str | tuple[str, str], flags: Mapping[str, float] | None = None
 ) -> str:
-    if isinstance(key, tuple):  # (value, standard error)
+    if isinstance(key, tuple):  # (value, standard error) or (value, [lowest, highest])
         v, se = row.get(key[0]), row.get(key[1])
         if v is None:
             return ""
+        if isinstance(se, (list, tuple)):
+            return f"{v:.2f} ({se[0]:.2f}–{se[1]:.2f})"
         if se is None:
             return f"{v:.3f}"
         limit = (flags or {}).get(key[1])
@@ -87,7 +89,8 @@ def table(
 ) -> str:
     """A Markdown table of ``rows`` with ``(key, header)`` columns.
 
-    A key may be a ``(value_key, se_key)`` pair, shown as ``value ± se``. ``flags`` maps an
+    A key may be a ``(value_key, se_key)`` pair, shown as ``value ± se``, or as
+    ``value (lo–hi)`` when the second key holds a ``[lo, hi]`` spread. ``flags`` maps an
     ``se_key`` to a limit: a larger standard error is marked with :data:`FLAG` and explained
     in a footnote under the table.
     """

@@ -29,6 +29,12 @@ class Timing:
     base_s: float  # median seconds per batch, unpatched
     reduced_s: float  # median seconds per batch, patched
     ratio: float  # median of per-pair (base / reduced): > 1 means faster
+    ratios: tuple[float, ...] = ()  # every timed pair's ratio, in run order
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        """The lowest and highest per-pair ratio (``None`` without the pairs)."""
+        return (min(self.ratios), max(self.ratios)) if self.ratios else None
 
     @property
     def base_items_per_s(self) -> float:
@@ -76,6 +82,7 @@ def interleave(
         statistics.median(bases),
         statistics.median(others),
         statistics.median(ratios),
+        tuple(ratios),
     )
 
 
@@ -102,13 +109,15 @@ def compare(
     return out
 
 
-def toggle(model: nn.Module, method: Method) -> Callable[[bool], None]:
-    """``between`` for :func:`interleave`: patch ``model`` with ``method`` (True), remove it
-    (False)."""
+def toggle(
+    model: nn.Module, method: Method, input_scale: float | None = None
+) -> Callable[[bool], None]:
+    """``between`` for :func:`interleave`: patch ``model`` with ``method`` (and the input
+    resize of ``input_scale``) on True, remove it on False."""
 
     def switch(on: bool) -> None:
         if on:
-            apply(model, method)
+            apply(model, method, input_scale=input_scale)
         else:
             remove(model)
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.resize import check_input_scale, patch_size, scaled_side
-from ..api import adapter_for, remove
+from ..api import adapter_for
 from ..core.budget import as_float, as_int
 from ..methods.base import REGISTRY, get_method
 from .calibration import Forward, as_batches, default_forward
@@ -236,7 +236,7 @@ class _Search:
         return out
 
     def timed(self, c: _Candidate, runs: int) -> _Candidate:
-        from ..eval.throughput import interleave
+        from ..eval.throughput import interleave, toggle
 
         plan = c.plan(self.native, self.params)
         batch = self.calib[torch.arange(self.batch_size) % len(self.calib)]
@@ -244,12 +244,7 @@ class _Search:
         def step() -> None:
             self.forward(self.model, batch)
 
-        def switch(on: bool) -> None:
-            if on:
-                plan.apply(self.model)
-            else:
-                remove(self.model)
-
+        switch = toggle(self.model, plan.to_method(), plan.input_scale)
         t = interleave(step, step, self.batch_size, runs, warmup=1, between=switch)
         out = replace(c, speedup=t.ratio)
         self.timings.append(out)
@@ -257,7 +252,8 @@ class _Search:
         return out
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` as a list, or ``ValueError`` naming the methods the search accepts."""
     ok = sorted(
         n
         for n, c in REGISTRY.items()
@@ -326,7 +322,7 @@ def autotune(
         speedup = as_float(speedup, "speedup", lo=1.0, lo_open=True, hint=" (e.g. 2.0)")
     else:
         flops = as_float(flops, "flops", lo=0.0, hi=1.0, lo_open=True, hint=" (e.g. 0.5)")
-    names = _check_methods(methods)
+    names = check_methods(methods)
     props = list(prop_attn)
     for p in props:
         if p is not None and not isinstance(p, bool):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import report
-from ..baselines import MATCHED, parse_baselines
+from ..baselines import MATCHED, matched_speed, parse_baselines
 from .measure import DATASETS, TASKS, VisionBenchConfig, check_datasets, run
 
 #: ``--quick``: the CI smoke test, two datasets of 64 images each
@@ -31,7 +31,7 @@ SE_LIMIT = 0.01
 COLUMNS: list[tuple[str | tuple[str, str], str]] = [
     ("method", "method"),
     ("budget", "budget"),
-    ("throughput_ratio", "speed-up"),
+    (("throughput_ratio", "throughput_spread"), "speed-up (range)"),
     ("flops_ratio", "FLOPs"),
     ("cosine", "cos"),
     (("cosine_p05", "cosine_p05_se"), "cos p05"),
@@ -42,6 +42,7 @@ COLUMNS: list[tuple[str | tuple[str, str], str]] = [
     ("saliency_r", "saliency r"),
     ("saliency_iou", "top-10% IoU"),
     *((f"vs_downsample_{key}", f"{name} vs downsampling") for key, name in MATCHED),
+    *((f"vs_tome_{key}", f"{name} vs ToMe") for key, name in MATCHED),
     ("tokens_per_layer", "tokens after each layer"),
 ]
 #: the standard errors flagged above :data:`SE_LIMIT`
@@ -76,6 +77,35 @@ def _sizes(budgets: Sequence[Any]) -> list[int] | None:
     if any(not isinstance(b, Constant) for b in budgets):
         raise SystemExit("downsampling budgets are input sides in pixels, e.g. downsample=182,168")
     return [b.r for b in budgets] or None
+
+
+def parse_speedups(spec: str | None) -> tuple[float, ...]:
+    """``"1.5,2"`` -> ``(1.5, 2.0)``: autotune targets, each a speed-up above 1."""
+    if not spec:
+        return ()
+    try:
+        out = tuple(float(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"--autotune takes speed-ups above 1, e.g. 1.5,2; got {spec!r}") from None
+    if not out or any(not s > 1.0 for s in out):
+        raise SystemExit(f"--autotune takes speed-ups above 1, e.g. 1.5,2; got {spec!r}")
+    return out
+
+
+def load_plans(paths: Sequence[str] | None) -> dict[str, Any]:
+    """``--plan`` files by their stem, each a :class:`~tokenmerge.tune.Plan` JSON."""
+    from ...tune.plan import Plan
+
+    plans = {}
+    for name in paths or []:
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"--plan {name!r}: no such file (write one with `tokenmerge tune`)")
+        try:
+            plans[path.stem] = Plan.load(path)
+        except (ValueError, TypeError, KeyError) as e:
+            raise SystemExit(f"--plan {name!r} is not a tokenmerge plan: {e}") from None
+    return plans
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -118,6 +148,10 @@ def cli_main(args: argparse.Namespace) -> int:
         baselines=baselines,
         downsample=_sizes(per_method.pop("downsample", [])),
         downsample_steps=(2, 4) if args.quick else VisionBenchConfig.downsample_steps,
+        autotune=parse_speedups(args.autotune),
+        autotune_methods=[m.strip() for m in (args.autotune_methods or "tome").split(",")],
+        autotune_time=args.autotune_time or VisionBenchConfig.autotune_time,
+        plans=load_plans(args.plan),
     )
 
     with tqdm(desc="bench", unit="img", file=sys.stderr) as bar:
@@ -176,7 +210,7 @@ def markdown(cfg: VisionBenchConfig, rows: list[dict[str, Any]], meta: dict[str,
         f"{ranking}). Its table comes first.\n",
         f"{cfg.model} ({cfg.backend}), n={cfg.n} images per dataset, batch {cfg.batch_size}. "
         "Speed-up is the median of interleaved runs against the unpatched model with its fused "
-        "attention, on the same dataset's images. cos p05 ± its bootstrap standard error "
+        "attention, on the same dataset's images, with the lowest and highest run in brackets. cos p05 ± its bootstrap standard error "
         f"(200 resamples). {report.FLAG} marks an agreement whose standard error is above "
         f"{SE_LIMIT} (n = 1000 keeps it below whenever the agreement is at least 0.9).\n",
     ]
@@ -188,7 +222,17 @@ def markdown(cfg: VisionBenchConfig, rows: list[dict[str, Any]], meta: dict[str,
             "columns are a row's cos p05 and probe agreement minus downsampling's on the same "
             "dataset at the same measured speed-up (linear interpolation between the two "
             "nearest input sizes; empty outside the measured range): > 0 means the method "
-            "beats a smaller input.\n"
+            "beats a smaller input. The *vs ToMe* columns do the same against constant-r ToMe "
+            "over its budgets. Under each dataset's table, every curve is read at the same "
+            "speed-ups side by side.\n"
+        )
+    if cfg.autotune or cfg.plans:
+        parts.append(
+            "*autotune* rows are plans from `tm.autotune` (input size and per-layer schedule) "
+            "searched on each dataset's calibration images, disjoint from the evaluated ones, "
+            "for the measured speed-up in the budget column; *plan* rows are saved plans. "
+            "Their parameters (in the JSON) give the size, the schedule and what the search "
+            "predicted.\n"
         )
     for d in order:
         b = meta["base"][d]
@@ -198,5 +242,31 @@ def markdown(cfg: VisionBenchConfig, rows: list[dict[str, Any]], meta: dict[str,
             f"k-NN {b['knn_acc']:.3f} ± {b['knn_acc_se']:.3f}, "
             f"probe {b['probe_acc']:.3f} ± {b['probe_acc_se']:.3f}.\n",
             report.table([r for r in rows if r["dataset"] == d], COLUMNS, FLAGS),
+            matched_table([e for e in matched_speed(rows) if e["dataset"] == d]),
         ]
     return "\n".join([*parts, report.footer(meta)])
+
+
+def matched_table(entries: list[dict[str, Any]]) -> str:
+    """The dataset's curves side by side at equal measured speed (:func:`.matched_speed`):
+    each cell is ``cos p05 / probe agreement``; a plan's own row adds its measured point."""
+    if not entries:
+        return ""
+    names = list(dict.fromkeys(n for e in entries for n in e["curves"]))
+    head = ["speed-up", *names, "best merging method", "plan measured here"]
+    lines = [
+        "At equal measured speed-up (each method's curve over its budgets, linearly "
+        "interpolated; empty outside its measured range). Cells: cos p05 / probe agreement.\n",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+
+    def cell(v: dict[str, Any] | None) -> str:
+        return "" if v is None else f"{v['cosine_p05']:.3f} / {v['agreement']:.3f}"
+
+    for e in entries:
+        pt = e["point"]
+        own = f"{pt['method']} {pt['budget']}: {cell(pt)}" if pt else ""
+        cells = [f"{e['speed']:.2f}", *(cell(e["curves"].get(n)) for n in names)]
+        lines.append("| " + " | ".join([*cells, e["best"] or "", own]) + " |")
+    return "\n".join(lines) + "\n"

@@ -11,13 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...api import adapter_for, patched, state
+from ...api import adapter_for, state
 from ...core.budget import Budget, budget_label
 from ...methods.base import Method, get_method
+from ...tune.autotune import autotune, check_methods
 from ...tune.calibration import Calibrated, calibrate
+from ...tune.plan import Plan
 from .. import metrics as M
 from .. import report
-from ..baselines import BASELINES, downsample_sizes, versus_downsampling
+from ..baselines import BASELINES, downsample_sizes, versus
 from ..throughput import Timing, interleave, toggle
 
 TASKS = frozenset({"cosine", "knn", "probe", "saliency", "speed"})
@@ -49,7 +51,14 @@ class VisionBenchConfig:
     #: downsampling's input sides in pixels (default: ``downsample_steps`` patches fewer per
     #: side than the model's input)
     downsample: Sequence[int] | None = None
-    downsample_steps: Sequence[int] = (2, 3, 4, 5, 6)
+    downsample_steps: Sequence[int] = (1, 2, 3, 4, 5, 6)
+    #: measured speed-up targets for :func:`~tokenmerge.tune.autotune`, run per dataset on
+    #: that dataset's calibration images (disjoint from the evaluated ones); a row each
+    autotune: Sequence[float] = ()
+    autotune_methods: Sequence[str] = ("tome",)
+    autotune_time: float = 120.0
+    #: saved plans to measure beside the methods, by label (``tokenmerge tune``'s output)
+    plans: dict[str, Plan] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,18 +157,30 @@ def run(
     unknown = set(cfg.tasks) - TASKS
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; accepted: {sorted(TASKS)}")
+    if (cfg.autotune or cfg.plans) and cfg.backend != "hf":
+        raise ValueError(
+            "autotuned and saved plans run on the hf backend only: the bench reads timm's "
+            "tokens through forward_features, which bypasses a plan's input resize"
+        )
+    if cfg.autotune:
+        check_methods(cfg.autotune_methods)
+        bad = [s for s in cfg.autotune if not s > 1.0]
+        if bad:
+            raise ValueError(f"autotune targets are speed-ups above 1 (e.g. 1.5, 2), got {bad}")
     torch.manual_seed(cfg.seed)
     vm = zoo.load_vision(cfg.model, backend=cfg.backend)
     want_sal = "saliency" in cfg.tasks and cfg.model == "dinov2-s"
     decoder = zoo.load_saliency_decoder() if want_sal else None
     configs, ladder = _method_configs(cfg), _downsample_ladder(cfg, vm)
     if plan is not None:
-        plan(cfg.n * len(datasets) * (1 + len(configs) + len(ladder)))
+        extra = len(cfg.autotune) + len(cfg.plans)
+        plan(cfg.n * len(datasets) * (1 + len(configs) + len(ladder) + extra))
     rows: list[dict[str, Any]] = []
     base: dict[str, dict[str, Any]] = {}
     for name in datasets:
         ds_rows, base[name] = _run_dataset(cfg, name, vm, decoder, configs, ladder, progress)
-        versus_downsampling(ds_rows)
+        versus(ds_rows, "downsample")
+        versus(ds_rows, "tome")
         rows += ds_rows
     order = hardest_first(rows)
     return {"rows": rows, "base": base, "hardest": order + [d for d in datasets if d not in order]}
@@ -214,22 +235,51 @@ def _run_dataset(
         )
 
     runs: list[_Config] = []
-    cal_pixels = None
+    cal: list[torch.Tensor] = []  # this dataset's calibration images, loaded on first use
+
+    def calibration_pixels() -> torch.Tensor:
+        if not cal:
+            cal.append(vm.preprocess(_calibration_images(name, cfg)))
+        return cal[0]
+
+    def measured(name_: str, label: str, params: dict, method: Method, scale=None) -> _Config:
+        """One patched pass over the images; its FLOPs from the tokens it kept."""
+        switch = toggle(vm.model, method, scale)
+        switch(True)
+        try:
+            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick, heat)
+        finally:
+            switch(False)
+        n_in = n0 if scale is None else _n_tokens(vm, round(vm.image_size * scale))
+        flops = cost.flops(n_in, p.tokens) / cost.flops(n0, [n0] * cost.depth)
+        return _Config(name_, label, params, p, flops, switch)
+
+    heat = tuple(pixels.shape[-2:])
     for method_name, budget in configs:
         method = get_method(method_name, r=budget, **cfg.method_params.get(method_name, {}))
         if isinstance(method, Calibrated):  # DToMe: thresholds from this dataset's held-out images
-            if cal_pixels is None:
-                cal_pixels = vm.preprocess(_calibration_images(name, cfg))
             with torch.inference_mode():
-                calibrate(vm.model, method, cal_pixels, forward=lambda m, x: vm.tokens(x))
-        with patched(vm.model, method):
-            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick)
+                calibrate(vm.model, method, calibration_pixels(), forward=lambda m, x: vm.tokens(x))
         label = budget_label(budget)
-        params = report.method_params(method, label)
-        runs.append(_Config(method_name, label, params, p, cost.ratio(n0, p.tokens), method))
+        runs.append(measured(method_name, label, report.method_params(method, label), method))
+    plans = [("plan", label, p) for label, p in cfg.plans.items()]
+    for target in cfg.autotune:
+        found = autotune(
+            vm.model,
+            calibration_pixels(),
+            speedup=target,
+            methods=cfg.autotune_methods,
+            time_budget=cfg.autotune_time,
+            batch_size=cfg.batch_size,
+            timing_runs=min(cfg.timing_runs, 3),
+            seed=cfg.seed,
+        )
+        plans.append(("autotune", f"{target:g}x", found))
+    for kind, label, p in plans:
+        runs.append(measured(kind, label, _plan_params(p), p.to_method(), p.input_scale))
     for size in ladder:
         small = vm.preprocess(images, size=size)
-        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, pixels.shape[-2:])
+        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, heat)
         n = _n_tokens(vm, size)
         p.tokens = [float(n)] * cost.depth
         flops = cost.flops(n, p.tokens) / cost.flops(n0, [n0] * cost.depth)
@@ -251,11 +301,7 @@ def _run_dataset(
     }
     rows = []
     for c, probe in zip(runs, probe_preds[1:], strict=True):
-        timing = (
-            timed(c.setup)
-            if isinstance(c.setup, torch.Tensor)
-            else timed(full, toggle(vm.model, c.setup))
-        )
+        timing = timed(c.setup) if isinstance(c.setup, torch.Tensor) else timed(full, c.setup)
         row = {
             "model": cfg.model,
             "backend": cfg.backend,
@@ -268,6 +314,7 @@ def _run_dataset(
             "tokens_per_layer": [round(t, 1) for t in c.out.tokens],
             "flops_ratio": c.flops_ratio,
             "throughput_ratio": timing and timing.ratio,
+            "throughput_spread": timing and timing.spread,
             "base_items_per_s": timing and timing.base_items_per_s,
             "items_per_s": timing and timing.reduced_items_per_s,
         }
@@ -330,7 +377,23 @@ class _Config:
     params: dict[str, Any]
     out: _Pass
     flops_ratio: float
-    setup: Method | torch.Tensor  # the method to patch, or a batch of downsampling's images
+    #: patches the model on True and removes the patch on False, or a batch of
+    #: downsampling's smaller images
+    setup: Callable[[bool], None] | torch.Tensor
+
+
+def _plan_params(plan: Plan) -> dict[str, Any]:
+    """A plan's row parameters: what to apply, and what its search predicted."""
+    return {
+        "method": plan.method,
+        **plan.params,
+        "input_size": plan.input_size[0],
+        "schedule": list(plan.schedule),
+        "search_speedup": plan.speedup,
+        "search_flops": round(plan.flops_ratio, 4),
+        "held_out_cosine": plan.fidelity.get("cosine"),
+        "held_out_cosine_p05": plan.fidelity.get("cosine_p05"),
+    }
 
 
 def _method_configs(cfg: VisionBenchConfig) -> list[tuple[str, Budget]]:

@@ -240,3 +240,44 @@ def test_tune_cli_writes_a_plan_for_the_zoo_model(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="neither a dataset"):
         main(["tune", "--flops", "0.5", "--images", str(tmp_path / "nope")])
+
+
+@pytest.mark.real
+def test_bench_measures_autotuned_and_saved_plans(tmp_path):
+    """``tokenmerge bench --autotune 1.5 --plan FILE``: a row each, measured like a method, and
+    read against downsampling and constant-r ToMe at equal speed."""
+    from tokenmerge.cli.main import main
+
+    zoo = pytest.importorskip("tokenmerge.eval.zoo")
+    try:
+        zoo.load_vision("dinov2-s")
+    except (zoo.AssetError, zoo.MissingPackageError) as e:  # pragma: no cover - setup
+        pytest.skip(f"offline zoo unavailable: {e}")
+    saved = Plan("tome", {}, (4,) * 12, (224, 224), (196, 196), flops_ratio=0.6)
+    saved.save(tmp_path / "mild.json")
+    argv = ["bench", "--dataset", "photos", "--n", "24", "--methods", "tome", "--budgets", "8,16"]
+    argv += ["--tasks", "cosine,probe,speed", "--timing-runs", "1", "--batch-size", "8"]
+    argv += ["--baselines", "downsample", "--budgets-for", "downsample=196,168"]
+    argv += ["--autotune", "1.5", "--autotune-time", "2", "--plan", str(tmp_path / "mild.json")]
+    assert main([*argv, "--out", str(tmp_path), "--name", "p"]) == 0
+    rows = {
+        (r["method"], r["budget"]): r for r in json.loads((tmp_path / "p.json").read_text())["rows"]
+    }
+    plan, tuned = rows[("plan", "mild")], rows[("autotune", "1.5x")]
+    # the saved plan ran at 196 px (197 tokens) and removed 4 tokens in every layer
+    assert plan["tokens_per_layer"] == [197.0 - 4 * (i + 1) for i in range(12)]
+    assert plan["flops_ratio"] < rows[("downsample", "196px")]["flops_ratio"]
+    grid = tuned["params"]["input_size"] // 14
+    sched = tuned["params"]["schedule"]
+    assert tuned["tokens_per_layer"][0] == grid * grid + 1 - sched[0]
+    assert tuned["tokens_per_layer"][-1] == grid * grid + 1 - sum(sched)
+    for row in (plan, tuned):
+        assert row["throughput_ratio"] > 0 and 0.5 < row["cosine"] <= 1
+        assert "vs_tome_cosine_p05" in row and "vs_downsample_agreement" in row
+        lo, hi = row["throughput_spread"]
+        assert lo <= row["throughput_ratio"] <= hi
+    md = (tmp_path / "p.md").read_text()
+    assert "At equal measured speed-up" in md and "autotune 1.5x:" in md
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["bench", "--plan", str(tmp_path / "nope.json")])
+    assert main(["bench", "--autotune", "1.5", "--backend", "timm"]) == 2  # refused before loading

@@ -33,10 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _images(spec: str, n: int, seed: int) -> list:
-    from ..eval.vision.measure import DATASETS, _load_data
+    from ..eval.vision import DATASETS, load_dataset
 
     if spec in DATASETS:
-        return list(_load_data(spec, n, seed + 7)[0])  # another subsample than the bench's
+        return list(load_dataset(spec, n, seed + 7)[0])  # another subsample than the bench's
     folder = Path(spec)
     if not folder.is_dir():
         raise SystemExit(

@@ -16,14 +16,25 @@ patched one:
 
 The baselines of :mod:`..baselines` run beside the methods: downsampling (the same images
 fitted to smaller sides, a ladder of input sizes) and random pruning (at the methods' budgets);
-each method's quality is set against downsampling's at the speed the method reached, on the
-same dataset. The hardest dataset (lowest mean cos p05) heads the report.
+each method's quality is set against downsampling's (and constant-r ToMe's) at the speed the
+method reached, on the same dataset, and every curve is tabulated at the same speed-ups.
+``--autotune`` adds the plans :func:`tokenmerge.tune.autotune` finds on each dataset's
+calibration images, ``--plan`` saved ones. The hardest dataset (lowest mean cos p05) heads the
+report.
 
 :mod:`.measure` runs the measurements; :mod:`.cli` is ``tokenmerge bench`` and its report.
 """
 
 from .cli import QUICK, cli_main
-from .measure import DATASETS, TASKS, VisionBenchConfig, check_datasets, hardest_first, run
+from .measure import (
+    DATASETS,
+    TASKS,
+    VisionBenchConfig,
+    check_datasets,
+    hardest_first,
+    load_dataset,
+    run,
+)
 
 __all__ = [
     "DATASETS",
@@ -33,5 +44,6 @@ __all__ = [
     "check_datasets",
     "cli_main",
     "hardest_first",
+    "load_dataset",
     "run",
 ]

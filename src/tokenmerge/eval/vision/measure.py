@@ -76,7 +76,8 @@ def check_datasets(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _load_data(name: str, n: int, seed: int) -> tuple[list[Any], np.ndarray]:
+def load_dataset(name: str, n: int, seed: int) -> tuple[list[Any], np.ndarray]:
+    """``n`` seeded images of a bench dataset (:data:`DATASETS`) as PIL images, and labels."""
     from .. import data
 
     if name == "fashion-mnist":
@@ -206,7 +207,7 @@ def _run_dataset(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every configuration on one dataset: its rows and the unreduced model's accuracies."""
     tick = progress or (lambda k: None)
-    images, labels = _load_data(name, cfg.n, cfg.seed)
+    images, labels = load_dataset(name, cfg.n, cfg.seed)
     pixels = vm.preprocess(images)
     n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
     y = torch.as_tensor(labels)
@@ -242,17 +243,20 @@ def _run_dataset(
             cal.append(vm.preprocess(_calibration_images(name, cfg)))
         return cal[0]
 
-    def measured(name_: str, label: str, params: dict, method: Method, scale=None) -> _Config:
-        """One patched pass over the images; its FLOPs from the tokens it kept."""
-        switch = toggle(vm.model, method, scale)
+    def measured(
+        kind: str, label: str, params: dict, method: Method, plan: Plan | None = None
+    ) -> _Config:
+        """One patched pass over the images (resized on entry as ``plan`` says); its FLOPs
+        from the tokens it kept."""
+        switch = toggle(vm.model, method, plan and plan.input_scale)
         switch(True)
         try:
             p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick, heat)
         finally:
             switch(False)
-        n_in = n0 if scale is None else _n_tokens(vm, round(vm.image_size * scale))
+        n_in = _n_tokens(vm, plan and plan.input_size[0])
         flops = cost.flops(n_in, p.tokens) / cost.flops(n0, [n0] * cost.depth)
-        return _Config(name_, label, params, p, flops, switch)
+        return _Config(kind, label, params, p, flops, switch)
 
     heat = tuple(pixels.shape[-2:])
     for method_name, budget in configs:
@@ -276,7 +280,7 @@ def _run_dataset(
         )
         plans.append(("autotune", f"{target:g}x", found))
     for kind, label, p in plans:
-        runs.append(measured(kind, label, _plan_params(p), p.to_method(), p.input_scale))
+        runs.append(measured(kind, label, _plan_params(p), p.to_method(), p))
     for size in ladder:
         small = vm.preprocess(images, size=size)
         p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, heat)

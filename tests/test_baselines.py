@@ -163,8 +163,15 @@ def test_matched_speed_reads_every_curve_at_the_same_speeds():
     assert mid["curves"]["pitome"]["cosine_p05"] == pytest.approx(0.8)
     assert mid["point"]["method"] == "autotune" and first["point"] is None
     assert "autotune" not in mid["curves"]  # a plan is a point, not a curve
-    assert first["best"] == "tome"  # downsampling is higher, but it is a baseline
-    assert mid["best"] == "tome"  # 0.88 against pitome's 0.80
+    # downsampling is higher, but it is a baseline
+    assert first["best"] == {"cosine_p05": "tome", "agreement": "tome"}
+    # cos p05 0.88 against pitome's 0.80; agreement 0.84 against pitome's 0.80
+    assert mid["best"] == {"cosine_p05": "tome", "agreement": "tome"}
+    rows[3] = _row("pitome", 1.8, 0.70, 0.95)  # pitome's agreement at 1.6: 0.925 > 0.84
+    mid = matched_speed(rows, speeds=(1.3, 2.0))[1]
+    assert mid["best"] == {"cosine_p05": "tome", "agreement": "pitome"}
+    only = matched_speed([r for r in rows if r["method"] == "downsample"], speeds=(1.5,))
+    assert only[0]["best"] == {} and "downsample" in only[0]["curves"]  # no merging method
 
 
 def _row(method, speed, p05, agree, dataset="textiles"):

@@ -97,35 +97,44 @@ def test_table_flags_large_standard_errors():
     assert report.FLAG not in report.table(rows, cols)
 
 
-def _bench_rows(datasets, p05):
+def _bench_rows(datasets, p05, down=None):
+    """Rows of a vision run: ToMe at ``p05`` per dataset, downsampling at ``down`` (default the
+    same)."""
     rows = []
-    for d, c in zip(datasets, p05, strict=True):
+    for j, (d, c) in enumerate(zip(datasets, p05, strict=True)):
         for method, budgets in (("tome", ("r=8", "r=16")), ("downsample", ("196px", "168px"))):
+            at = down[j] if down and method == "downsample" else c
             for i, b in enumerate(budgets):
                 rows.append(
-                    {"dataset": d, "method": method, "budget": b, "throughput_ratio": 1.2 + i,
-                     "cosine_p05": c - 0.01 * i, "cosine_p05_se": 0.01, "agreement": 0.9,
-                     "agreement_se": 0.03, "probe_acc": 0.8, "probe_drop_se": 0.02,
-                     "knn_acc": 0.7, "knn_drop_se": 0.02}
+                    {"model": "m", "backend": "hf", "dataset": d, "method": method, "budget": b,
+                     "throughput_ratio": 1.2 + i, "cosine_p05": at - 0.01 * i,
+                     "cosine_p05_se": 0.01, "agreement": 0.9, "agreement_se": 0.03,
+                     "probe_acc": 0.8, "probe_drop_se": 0.02, "knn_acc": 0.7,
+                     "knn_drop_se": 0.02}
                 )  # fmt: skip
     return rows
 
 
+def _vision_meta(datasets):
+    from tokenmerge.eval import report
+
+    base = {"n": 8, "classes": 3, "knn_acc": 0.7, "knn_acc_se": 0.1, "probe_acc": 0.75}
+    return report.provenance(0, ["test"]) | {
+        "config": {"datasets": datasets, "n": 8, "batch_size": 4, "tasks": ["cosine", "speed"]},
+        "base": {d: base | {"probe_acc_se": 0.1 + i} for i, d in enumerate(datasets)},
+    }
+
+
 def test_vision_report_puts_the_hardest_dataset_first(tmp_path):
     from tokenmerge.eval import report
-    from tokenmerge.eval.vision import VisionBenchConfig, hardest_first
+    from tokenmerge.eval.vision import hardest_first
     from tokenmerge.eval.vision.cli import ERRORS, PLOTTED, markdown
 
     datasets = ["photos", "textiles", "fashion-mnist"]
     rows = _bench_rows(datasets, [0.95, 0.90, 0.97])
     order = hardest_first(rows)
     assert order == ["textiles", "photos", "fashion-mnist"]
-    base = {"n": 8, "classes": 3, "knn_acc": 0.7, "knn_acc_se": 0.1, "probe_acc": 0.75}
-    meta = report.provenance(0, ["test"]) | {
-        "base": {d: base | {"probe_acc_se": 0.1 + i} for i, d in enumerate(datasets)},
-        "datasets_hardest_first": order,
-    }
-    md = markdown(VisionBenchConfig(datasets=datasets), rows, meta)
+    md = markdown(rows, _vision_meta(datasets), order)
     assert "**Hardest dataset: textiles**" in md.splitlines()[2]
     heads = [md.index(f"## {d}") for d in order]
     assert heads == sorted(heads)
@@ -133,7 +142,7 @@ def test_vision_report_puts_the_hardest_dataset_first(tmp_path):
     for i, d in enumerate(datasets):
         section = md[md.index(f"## {d}") :].split("\n## ")[0]
         assert f"probe 0.750 ± {0.1 + i:.3f}" in section
-        assert section.count("| tome |") == 2 and section.count("| downsample |") == 2
+        assert section.count("| tome | r=") == 2 and section.count("| downsample | 1") == 2
     assert md.count(report.FLAG) > 1  # agreement SE 0.03 > 0.01: flagged, with a footnote
     out = tmp_path / "p.png"
     report.pareto_plot(
@@ -141,6 +150,32 @@ def test_vision_report_puts_the_hardest_dataset_first(tmp_path):
         errors=ERRORS, by="dataset",
     )  # fmt: skip
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_hardest_dataset_is_the_methods_not_the_baselines():
+    """Downsampling ruins Fashion-MNIST's small items; ToMe finds the textiles hardest."""
+    from tokenmerge.eval.vision import hardest_first
+
+    datasets = ["photos", "textiles", "fashion-mnist"]
+    rows = _bench_rows(datasets, [0.95, 0.90, 0.99], down=[0.95, 0.95, 0.70])
+    assert hardest_first(rows) == ["textiles", "photos", "fashion-mnist"]
+    baselines_only = [r for r in rows if r["method"] == "downsample"]
+    assert hardest_first(baselines_only)[0] == "fashion-mnist"
+
+
+def test_report_remakes_a_saved_vision_run(tmp_path):
+    """``tokenmerge report RUN.json``: the Markdown and the plot again, from the JSON alone."""
+    from tokenmerge.cli.main import main
+    from tokenmerge.eval import report
+
+    datasets = ["photos", "textiles"]
+    rows = _bench_rows(datasets, [0.95, 0.90], down=[0.97, 0.99])
+    report.write_json(tmp_path / "run.json", _vision_meta(datasets), rows)
+    assert main(["report", str(tmp_path / "run.json")]) == 0
+    md = (tmp_path / "run.md").read_text()
+    assert "**Hardest dataset: textiles**" in md and md.index("## textiles") < md.index("## photos")
+    assert "At equal measured speed-up" in md  # the matched-speed table, made from the rows
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_overlay_paints_group_means_and_borders():

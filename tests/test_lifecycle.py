@@ -261,7 +261,7 @@ def test_counts_that_miss_the_schedule_raise(name):
 
 
 def test_reduction_of_an_empty_batch_has_the_scheduled_width():
-    from tokenmerge.adapters.patch import _empty_reduction
+    from tokenmerge.adapters.block_tokens import empty_reduction as _empty_reduction
 
     red = _empty_reduction(10, 6, torch.device("cpu"))
     y, s = red.apply(torch.zeros(0, 10, 3))

@@ -366,6 +366,34 @@ def test_dtome_batch_independence_is_exact_for_counts(name):
     tm.remove(model)
 
 
+@all_models
+@torch.no_grad()
+def test_dtome_padding_slots_skip_the_mlp(name, monkeypatch):
+    """A batch padded to its widest sample runs each MLP on the real tokens only, with the same
+    result as the MLP over the padded batch (the reference: the model's own MLP branch)."""
+    from tokenmerge.adapters import patch as engine
+
+    model, run = make(name)
+    blocks = tm.api.adapter_for(model).target(model).blocks
+    if not all(isinstance(getattr(b, "mlp", None), torch.nn.Module) for b in blocks):
+        pytest.skip("blocks without an .mlp module to count rows on")
+    x = images(4, seed=3)
+    rows: list[int] = []
+    for b in blocks:
+        b.mlp.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[:-1].numel()))
+    tm.apply(model, DToMe.example(4))
+    packed = run(model, x)
+    real = [int(c.sum()) for c in tm.state(model).tokens_per_layer]
+    packed_rows = rows[:]
+    rows.clear()
+    monkeypatch.setattr(engine, "mlp_on_real_tokens", lambda spec, blk, h, st: spec.mlp(blk, h))
+    padded = run(model, x)
+    assert packed_rows == real  # every block that merged ran its MLP on the real tokens only
+    assert any(w > n for w, n in zip(rows, real, strict=True)), "the batch should be padded"
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    tm.remove(model)
+
+
 @torch.no_grad()
 def test_dtome_thresholds_are_the_running_mean_over_batches():
     model, _ = make("hf-vit-sdpa")

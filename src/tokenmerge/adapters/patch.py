@@ -28,10 +28,20 @@ import torch
 from torch import Tensor, nn
 
 from ..core.budget import Budget
-from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from ..methods.base import Method, has_work
 from .base import ATTR, CLAIM, ContextSlot, Target, not_applied
+from .block_tokens import (
+    callers_mask,
+    capture,
+    drop_padding,
+    empty_reduction,
+    from_grid,
+    mlp_on_real_tokens,
+    refuse_custom_mask,
+    split_heads,
+    to_grid,
+)
 from .resize import check_input_scale, resize_hook
 
 
@@ -135,9 +145,9 @@ class Patch:
             hooks.append((self.model, "pre", resize_hook(self.model, t, self.input_scale, done)))
         for i, block in enumerate(t.blocks):
             overrides.append((block, "forward", self._make_forward(block, i)))
-            hooks.append((spec.k(block), "post", _capture(self._cap, "k")))
+            hooks.append((spec.k(block), "post", capture(self._cap, "k")))
             if "queries" in self.method.needs:
-                hooks.append((spec.q(block), "post", _capture(self._cap, "q")))
+                hooks.append((spec.q(block), "post", capture(self._cap, "q")))
         overrides += [(obj, attr, factory(self)) for obj, attr, factory in t.extra_patches]
         if t.grid_from is not None:
             hooks.append((t.grid_from, "post", self._record_grid))
@@ -364,14 +374,14 @@ class Patch:
                 )
             st = run.state
             if i == 0 and self.target.init is None and not self.method.budget.is_zero:
-                _refuse_custom_mask(args, kwargs)
+                refuse_custom_mask(args, kwargs)
             grid_in = x
             if run.dense and run.reduced:  # the full grid the previous block handed on
-                x = _from_grid(st, x, i)
+                x = from_grid(st, x, i)
             if run.reduced:
                 mask = st.attn_bias(self.prop_attn, x.dtype)
             else:  # nothing reduced yet: the model's own mask, so budget 0 is bit-identical
-                mask = _callers_mask(args, kwargs)
+                mask = callers_mask(args, kwargs)
             cap: dict[str, Tensor] = {}
             self._cap.set(cap)
             try:
@@ -382,13 +392,13 @@ class Patch:
             r = run.schedule[i]
             if h.shape[0] == 0:  # an empty batch: no scores, only the shapes of the schedule
                 if has_work(r) and not method.dynamic and method.exact_counts:
-                    h = st.reduce(h, _empty_reduction(h.shape[1], h.shape[1] - int(r), h.device))
+                    h = st.reduce(h, empty_reduction(h.shape[1], h.shape[1] - int(r), h.device))
                     run.reduced = True
             elif method.dynamic or has_work(r):
                 sig = Signals(
                     x=h,
-                    k=_heads(cap["k"], spec.layout, spec.heads(block)),
-                    q=_heads(cap["q"], spec.layout, spec.heads(block)) if "q" in cap else None,
+                    k=split_heads(cap["k"], spec.layout, spec.heads(block)),
+                    q=split_heads(cap["q"], spec.layout, spec.heads(block)) if "q" in cap else None,
                     scale=spec.scale(block),
                     # before the first reduction, still hide padding from explicit attention
                     bias=mask if run.reduced else st.attn_bias(False, h.dtype),
@@ -397,64 +407,20 @@ class Patch:
                 if red is not None:
                     h = st.reduce(h, red)
                     if self.target.compact_padding:
-                        h = _drop_padding(st, h)
+                        h = drop_padding(st, h)
                     run.reduced = True
-            m = spec.mlp(block, h)
+            m = mlp_on_real_tokens(spec, block, h, st) if run.reduced else spec.mlp(block, h)
             out = m if spec.post_norm else h + m
             st.tokens_per_layer.append(st.counts)
             run.widths.append(h.shape[1])
             run.ran += 1
             if run.dense and run.reduced:
-                out = _to_grid(st, out, grid_in)
+                out = to_grid(st, out, grid_in)
             if run.ran == depth:
                 self._verify(run)
             return out
 
         return forward
-
-
-def _callers_mask(args: tuple, kwargs: dict) -> Tensor | None:
-    """The attention mask a block was called with (HF: ``attention_mask``, timm: ``attn_mask``)."""
-    return args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-
-
-def _refuse_custom_mask(args: tuple, kwargs: dict) -> None:
-    """Merged tokens cannot follow a caller's own attention mask or causal attention."""
-    if _callers_mask(args, kwargs) is not None or kwargs.get("is_causal"):
-        raise ValueError(
-            "tokenmerge: this vision model was called with its own attention mask (attn_mask="
-            "/attention_mask=) or is_causal=True; a mask over the original tokens cannot follow "
-            "merged or pruned ones. Call it without a mask, or tm.remove(model) first"
-        )
-
-
-def _from_grid(st: TokenState, x: Tensor, i: int) -> Tensor:
-    """Dense mode: the current tokens, read back from the full grid at their representatives
-    (exact: a representative's grid slot holds its own token's value)."""
-    if x.shape[1] != st.n_orig:
-        raise RuntimeError(
-            f"tokenmerge (dense outputs): block {i} received {x.shape[1]} tokens, not the full "
-            f"grid of {st.n_orig} the previous block handed on"
-        )
-    return x.gather(1, st.pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _to_grid(st: TokenState, y: Tensor, grid_in: Tensor) -> Tensor:
-    """Dense mode: spread the block's output over the full grid (tomesd's unmerge); a token that
-    was pruned (it sends mass nowhere) keeps the value it had when it entered this block."""
-    lost = st.source.weight.sum(-1) <= 0
-    return torch.where(lost.unsqueeze(-1), grid_in, st.unmerge(y))
-
-
-def _empty_reduction(n_in: int, n_out: int, device: torch.device) -> Reduction:
-    """A selection for an empty batch: ``[0, n_in] -> [0, n_out]``."""
-    return Reduction(
-        index=torch.zeros(0, n_in, 1, dtype=torch.long, device=device),
-        weight=torch.zeros(0, n_in, 1, device=device),
-        rep=torch.zeros(0, n_out, dtype=torch.long, device=device),
-        selection=True,
-        uniform=True,
-    )
 
 
 def _refuse_pickle(patch: Patch, obj: nn.Module) -> Callable[[int], Any]:
@@ -471,29 +437,3 @@ def _refuse_pickle(patch: Patch, obj: nn.Module) -> Callable[[int], Any]:
         )
 
     return reduce_ex
-
-
-def _capture(slot: ContextSlot, name: str) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-        cap = slot.get()
-        if cap is not None:
-            cap[name] = output
-
-    return hook
-
-
-def _drop_padding(st: TokenState, h: Tensor) -> Tensor:
-    """Remove padding slots (size 0) that make the batch wider than its longest sequence."""
-    valid = st.valid
-    n = valid.shape[1]
-    if int(valid.sum(1).max()) == n:
-        return h
-    ar = torch.arange(n, device=valid.device).expand_as(valid)
-    return st.reduce(h, Reduction.from_targets(torch.where(valid, ar, -1)))
-
-
-def _heads(t: Tensor, layout: str, heads: int) -> Tensor:
-    if layout == "bhnd":
-        return t
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)

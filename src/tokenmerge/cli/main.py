@@ -102,14 +102,21 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import json
+
     from ..eval.llm.cli import render
+    from ..eval.vision.cli import render as render_vision
 
     for name in args.json:
         path = Path(name)
         if path.suffix != ".json" or not path.is_file():
             raise SystemExit(f"{name!r} is not a saved bench result (a .json file)")
-        path.with_suffix(".md").write_text(render(path))
-        print(f"wrote {path.with_suffix('.md')}")
+        if "datasets" in json.loads(path.read_text())["meta"].get("config", {}):  # a vision run
+            written = render_vision(path)
+        else:
+            path.with_suffix(".md").write_text(render(path))
+            written = [".md"]
+        print(f"wrote {path.with_suffix('')}" + ", ".join(written))
     return 0
 
 
@@ -125,6 +132,22 @@ def _list(args: argparse.Namespace) -> int:
     for line in supported_families():
         print(f"  {line}")
     return 0
+
+
+def _diagnostic_args(p: argparse.ArgumentParser, budgets: str, batch_size: int, stem: str) -> None:
+    """The options shared by the one-model vision diagnostics (bench-compile, bench-profile)."""
+    p.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
+    p.add_argument("--backend", default="hf", choices=["hf", "timm"])
+    p.add_argument("--method", default="tome", help="a registered block method (default: tome)")
+    p.add_argument(
+        "--budgets", default=budgets, help=f"comma-separated budgets (default: {budgets})"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"batch size (default: {batch_size})"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/results", help="output folder")
+    p.add_argument("--name", help=f"file stem (default: {stem}-MODEL-BACKEND)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--autotune-methods", help="vision: methods the autotuner may choose (default: tome)"
     )
     b.add_argument(
-        "--autotune-time", type=float, help="vision: seconds per autotune search (default 120)"
+        "--autotune-time", type=float, help="vision: seconds per autotune search (default 240)"
     )
     b.add_argument(
         "--plan", action="append", help="vision: a plan JSON from `tokenmerge tune` to measure"
@@ -191,19 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "bench-compile", help="torch.compile versus eager, unpatched and patched (vision)"
     )
-    c.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
-    c.add_argument("--backend", default="hf", choices=["hf", "timm"])
-    c.add_argument("--method", default="tome", help="a registered block method (default: tome)")
-    c.add_argument("--budgets", default="8,16", help="comma-separated budgets (default: 8,16)")
-    c.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
+    _diagnostic_args(c, budgets="8,16", batch_size=16, stem="compile")
     c.add_argument("--rounds", type=int, default=10, help="timed rounds (default: 10)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default="docs/results", help="output folder")
-    c.add_argument("--name", help="file stem (default: compile-MODEL-BACKEND)")
     c.set_defaults(func=lambda a: importlib.import_module("tokenmerge.eval.compiled").cli_main(a))
 
+    pr = sub.add_parser(
+        "bench-profile", help="CPU time per operator group, unpatched and patched (vision)"
+    )
+    _diagnostic_args(pr, budgets="16,20", batch_size=32, stem="profile")
+    pr.add_argument(
+        "--dataset", default="textiles", help="textiles (default), photos or fashion-mnist"
+    )
+    pr.add_argument("--calls", type=int, default=3, help="profiled calls (default: 3)")
+    pr.set_defaults(func=lambda a: importlib.import_module("tokenmerge.eval.profiled").cli_main(a))
+
     r = sub.add_parser(
-        "report", help="rewrite an LLM bench's Markdown from its saved JSON (current wording)"
+        "report", help="remake a bench's Markdown (vision: and plot) from its saved JSON"
     )
     r.add_argument("json", nargs="+", help="<name>.json written by `tokenmerge bench`")
     r.set_defaults(func=_report)

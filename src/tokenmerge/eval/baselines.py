@@ -104,7 +104,9 @@ def matched_speed(
     one entry: ``{"dataset", "speed", "point": the plan row measured there or None,
     "curves": {method: {key: value}}}``, each curve (a method over its budgets, or a baseline)
     linearly interpolated at that speed, a method outside its measured range left out;
-    ``"best"``: the merging method (not a baseline) with the highest ``cosine_p05`` there."""
+    ``"best"``: ``{key: the merging method (not a baseline) highest on key there}`` for
+    ``cosine_p05`` and ``agreement`` (the two can disagree: pruning keeps the feature,
+    merging the probe's decisions)."""
     out = []
     for dataset, group in _by_dataset(rows).items():
         timed = [r for r in group if r.get("throughput_ratio")]
@@ -121,7 +123,9 @@ def matched_speed(
                 if None not in vals.values():
                     at[name] = vals
             merging = {n: v for n, v in at.items() if n not in BASELINES}
-            best = max(merging, key=lambda n: merging[n]["cosine_p05"]) if merging else None
+            best = {}
+            if merging:
+                best = {k: max(merging, key=lambda n, k=k: merging[n][k]) for k, _ in MATCHED}
             out.append(
                 {"dataset": dataset, "speed": speed, "point": point, "curves": at, "best": best}
             )

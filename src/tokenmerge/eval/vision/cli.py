@@ -9,11 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import report
-from ..baselines import MATCHED, matched_speed, parse_baselines
-from .measure import DATASETS, TASKS, VisionBenchConfig, check_datasets, run
+from ..baselines import MATCHED, POINTS, matched_speed, parse_baselines
+from .measure import (
+    DATASETS,
+    TASKS,
+    VisionBenchConfig,
+    check_datasets,
+    difficulty,
+    hardest_first,
+    run,
+)
 
 #: ``--quick``: the CI smoke test, two datasets of 64 images each
 QUICK = {
@@ -170,47 +176,69 @@ def cli_main(args: argparse.Namespace) -> int:
     meta["base"] = result["base"]
     meta["hardest_dataset"] = result["hardest"][0]
     meta["datasets_hardest_first"] = result["hardest"]
-    rows = result["rows"]
-    report.write_json(out / f"{stem}.json", meta, rows)
-    (out / f"{stem}.md").write_text(markdown(cfg, rows, meta))
-    if "speed" in cfg.tasks:
-        order = {d: i for i, d in enumerate(result["hardest"])}
-        report.pareto_plot(
-            sorted(rows, key=lambda r: order[r["dataset"]]),  # columns hardest first
-            out / f"{stem}.png",
-            PLOTTED,
-            f"{cfg.model} (n={cfg.n} per dataset, CPU, batch {cfg.batch_size})",
-            base={
-                d: {"agreement": 1.0, "cosine_p05": 1.0}
-                | {k: b[k] for k in ("probe_acc", "knn_acc")}
-                for d, b in result["base"].items()
-            },
-            errors=ERRORS,
-            by="dataset",
-        )
-    print(f"wrote {out / stem}.json, .md" + (", .png" if "speed" in cfg.tasks else ""))
+    report.write_json(out / f"{stem}.json", meta, result["rows"])
+    written = write_reports(meta, result["rows"], out / stem)
+    print(f"wrote {out / stem}.json, " + ", ".join(written))
     return 0
 
 
-def markdown(cfg: VisionBenchConfig, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The report: the hardest dataset named at the top, then one table per dataset (hardest
-    first), each under a line with the unreduced model's accuracies."""
-    order = meta["datasets_hardest_first"]
+def write_reports(meta: dict[str, Any], rows: list[dict[str, Any]], stem: Path) -> list[str]:
+    """``stem.md`` and, with speed measured, ``stem.png`` of a run (fresh or saved: both are
+    made from the JSON's ``meta`` and ``rows``, datasets ranked by :func:`.hardest_first`);
+    returns the suffixes written."""
+    cfg = meta["config"]
+    order = hardest_first(rows)
+    order += [d for d in cfg["datasets"] if d not in order]
+    stem.with_suffix(".md").write_text(markdown(rows, meta, order))
+    if "speed" not in cfg["tasks"]:
+        return [".md"]
+    rank = {d: i for i, d in enumerate(order)}
+    report.pareto_plot(
+        sorted(rows, key=lambda r: rank[r["dataset"]]),  # columns hardest first
+        stem.with_suffix(".png"),
+        PLOTTED,
+        f"{rows[0]['model']} (n={cfg['n']} per dataset, CPU, batch {cfg['batch_size']})",
+        base={
+            d: {"agreement": 1.0, "cosine_p05": 1.0} | {k: b[k] for k in ("probe_acc", "knn_acc")}
+            for d, b in meta["base"].items()
+        },
+        errors=ERRORS,
+        by="dataset",
+    )
+    return [".md", ".png"]
+
+
+def render(path: str | Path) -> list[str]:
+    """Remake the Markdown and plot of a saved vision run (``<name>.json``) with the current
+    report code; the numbers stay those of the JSON. Returns the suffixes written."""
+    import json
+
+    path = Path(path)
+    saved = json.loads(path.read_text())
+    return write_reports(saved["meta"], saved["rows"], path.with_suffix(""))
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], order: Sequence[str]) -> str:
+    """The report: the hardest dataset named at the top, then one table per dataset in
+    ``order`` (hardest first), each under a line with the unreduced model's accuracies."""
+    cfg = meta["config"]
+    model, backend = rows[0]["model"], rows[0]["backend"]
     hardest = order[0]
-    p05 = {d: np.mean([r["cosine_p05"] for r in rows if r["dataset"] == d]) for d in order}
-    ranking = ", ".join(f"{d} {p05[d]:.3f}" for d in order if not np.isnan(p05[d]))
+    p05 = difficulty(rows)
+    ranking = ", ".join(f"{d} {p05[d]:.3f}" for d in order if d in p05)
+    methods = {r["method"] for r in rows}
     parts = [
-        f"# tokenmerge bench: {cfg.model}\n",
-        f"**Hardest dataset: {hardest}** (lowest mean cos p05 over all rows of the run: "
-        f"{ranking}). Its table comes first.\n",
-        f"{cfg.model} ({cfg.backend}), n={cfg.n} images per dataset, batch {cfg.batch_size}. "
+        f"# tokenmerge bench: {model}\n",
+        f"**Hardest dataset: {hardest}** (lowest mean cos p05 over the methods' rows, the "
+        f"baselines left out: {ranking}). Its table comes first.\n",
+        f"{model} ({backend}), n={cfg['n']} images per dataset, batch {cfg['batch_size']}. "
         "Speed-up is the median of interleaved runs against the unpatched model with its fused "
         "attention, on the same dataset's images, with the lowest and highest run in "
         "brackets. cos p05 ± its bootstrap standard error (200 resamples). "
         f"{report.FLAG} marks an agreement whose standard error is above "
         f"{SE_LIMIT} (n = 1000 keeps it below whenever the agreement is at least 0.9).\n",
     ]
-    if "downsample" in cfg.baselines:
+    if "downsample" in methods:
         parts.append(
             "Baselines: *downsample* fits the same images to a smaller side (the budget, in "
             "pixels) and runs the unpatched model with its position table interpolated; "
@@ -222,13 +250,13 @@ def markdown(cfg: VisionBenchConfig, rows: list[dict[str, Any]], meta: dict[str,
             "over its budgets. Under each dataset's table, every curve is read at the same "
             "speed-ups side by side.\n"
         )
-    if cfg.autotune or cfg.plans:
+    if methods & set(POINTS):
         parts.append(
             "*autotune* rows are plans from `tm.autotune` (input size and per-layer schedule) "
-            "searched on each dataset's calibration images, disjoint from the evaluated ones, "
+            "searched on each dataset's calibration images (disjoint from the evaluated ones) "
             "for the measured speed-up in the budget column; *plan* rows are saved plans. "
-            "Their parameters (in the JSON) give the size, the schedule and what the search "
-            "predicted.\n"
+            "Their parameters (in the JSON) give the size, the schedule, what the search "
+            "predicted and, for newer runs, how many images and seconds it took.\n"
         )
     for d in order:
         b = meta["base"][d]
@@ -249,7 +277,7 @@ def matched_table(entries: list[dict[str, Any]]) -> str:
     if not entries:
         return ""
     names = list(dict.fromkeys(n for e in entries for n in e["curves"]))
-    head = ["speed-up", *names, "best merging method", "plan measured here"]
+    head = ["speed-up", *names, "best merging method (cos p05 / agreement)", "plan measured here"]
     lines = [
         "At equal measured speed-up (each method's curve over its budgets, linearly "
         "interpolated; empty outside its measured range). Cells: cos p05 / probe agreement.\n",
@@ -264,5 +292,6 @@ def matched_table(entries: list[dict[str, Any]]) -> str:
         pt = e["point"]
         own = f"{pt['method']} {pt['budget']}: {cell(pt)}" if pt else ""
         cells = [f"{e['speed']:.2f}", *(cell(e["curves"].get(n)) for n in names)]
-        lines.append("| " + " | ".join([*cells, e["best"] or "", own]) + " |")
+        best = " / ".join(e["best"][k] for k, _ in MATCHED) if e["best"] else ""
+        lines.append("| " + " | ".join([*cells, best, own]) + " |")
     return "\n".join(lines) + "\n"

@@ -111,7 +111,13 @@ def _report(args: argparse.Namespace) -> int:
         path = Path(name)
         if path.suffix != ".json" or not path.is_file():
             raise SystemExit(f"{name!r} is not a saved bench result (a .json file)")
-        if "datasets" in json.loads(path.read_text())["meta"].get("config", {}):  # a vision run
+        config = json.loads(path.read_text())["meta"].get("config", {})
+        if "dataset" in config:
+            raise SystemExit(
+                f"{name!r} is a single-dataset vision run from before the per-dataset report; "
+                "rerun the command in its 'meta' to remake it"
+            )
+        if "datasets" in config:  # a vision run
             written = render_vision(path)
         else:
             path.with_suffix(".md").write_text(render(path))
@@ -123,14 +129,18 @@ def _report(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from ..api import supported_families
     from ..methods import REGISTRY
+    from ..zoo import CATALOG, describe
 
     print("methods:")
     for name, cls in sorted(REGISTRY.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:12s} {doc}")
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
+        print(f"  {name:18s} {doc}")
     print("model families:")
     for line in supported_families():
         print(f"  {line}")
+    print("offline zoo (tokenmerge.zoo.load(NAME); hf:NAME / timm:NAME: a hub id or a folder):")
+    for name in CATALOG:
+        print(f"  {describe(name)}")
     return 0
 
 

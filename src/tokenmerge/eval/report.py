@@ -172,7 +172,7 @@ def pareto_plot(
             _panel(ax, mine, methods, key, (errors or {}).get(key), ref.get(key))
             ax.set_ylabel(label)
             if by is None or i == len(metrics) - 1:
-                ax.set_xlabel("measured throughput ratio (vs unpatched)")
+                ax.set_xlabel("measured speed-up vs unpatched (right is faster)")
             if by and i == 0:
                 ax.set_title(str(group))
     axes[0][0].legend(fontsize=8)
@@ -202,19 +202,26 @@ def _panel(
                 r[key],
                 (r.get(se_key) if se_key else None) or 0.0,
                 r.get("budget", ""),
+                r.get("throughput_iqr") or (r["throughput_ratio"],) * 2,
             )
             for r in rows
             if r["method"] == m and r.get(key) is not None and r.get("throughput_ratio")
         ]
         if not pts:
             continue
-        xs, ys, errs, labels = zip(*pts, strict=True)
+        xs, ys, errs, labels, iqrs = zip(*pts, strict=True)
+        # horizontal bars: the interquartile range of the timed pairs, where measured
+        xerr = [
+            [x - q[0] for x, q in zip(xs, iqrs, strict=True)],
+            [q[1] - x for x, q in zip(xs, iqrs, strict=True)],
+        ]
         # the same method, the same colour in every panel; tab10's colours are the most distinct
         colour = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i % 20)
         ax.errorbar(
             xs,
             ys,
             yerr=errs if se_key else None,
+            xerr=xerr,
             marker="os^vD"[i % 5],
             color=colour,
             capsize=2,

@@ -3,7 +3,9 @@
 Speed is never a timed test: it is measured here and written into the benchmark reports. The
 baseline is always the model as it ships (fused SDPA attention), never the patched model at
 budget 0. Runs are interleaved (baseline, patched, baseline, ...) so that noise from a shared
-machine hits both alike, and the ratio reported is the median of per-pair ratios.
+machine hits both alike, and the ratio reported is the median of per-pair ratios, with their
+interquartile range (a ratio whose middle half holds 1.0 is *within noise*) and the cores other
+processes took meanwhile (:mod:`.cpuload`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..api import apply, remove
 from ..methods.base import Method
+from .cpuload import LOADED_CORES, OtherLoad
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,32 @@ class Timing:
     reduced_s: float  # median seconds per batch, patched
     ratio: float  # median of per-pair (base / reduced): > 1 means faster
     ratios: tuple[float, ...] = ()  # every timed pair's ratio, in run order
+    #: cores other processes kept busy while these pairs ran (:mod:`.cpuload`; None: unknown)
+    other_load: float | None = None
 
     @property
     def spread(self) -> tuple[float, float] | None:
         """The lowest and highest per-pair ratio (``None`` without the pairs)."""
         return (min(self.ratios), max(self.ratios)) if self.ratios else None
+
+    @property
+    def iqr(self) -> tuple[float, float] | None:
+        """The interquartile range of the per-pair ratios (``None`` under two pairs)."""
+        if len(self.ratios) < 2:
+            return None
+        q1, _, q3 = statistics.quantiles(self.ratios, n=4, method="inclusive")
+        return (q1, q3)
+
+    @property
+    def within_noise(self) -> bool:
+        """True when the middle half of the pairs holds 1.0: not shown faster (or slower)."""
+        iqr = self.iqr
+        return iqr is not None and iqr[0] <= 1.0 <= iqr[1]
+
+    @property
+    def loaded(self) -> bool:
+        """Other processes took more than :data:`~.cpuload.LOADED_CORES` cores meanwhile."""
+        return self.other_load is not None and self.other_load > LOADED_CORES
 
     @property
     def base_items_per_s(self) -> float:
@@ -66,14 +90,21 @@ def interleave(
     patching and unpatching the model)."""
     switch = between or (lambda on: None)
     bases, others, ratios = [], [], []
-    for i in range(warmup + runs):
-        tb = _seconds(base)
+    for _ in range(warmup):
+        base()
         switch(True)
         try:
-            to = _seconds(other)
+            other()
         finally:
             switch(False)
-        if i >= warmup:
+    with OtherLoad() as load:
+        for _ in range(runs):
+            tb = _seconds(base)
+            switch(True)
+            try:
+                to = _seconds(other)
+            finally:
+                switch(False)
             bases.append(tb)
             others.append(to)
             ratios.append(tb / to)
@@ -83,6 +114,7 @@ def interleave(
         statistics.median(others),
         statistics.median(ratios),
         tuple(ratios),
+        load.cores,
     )
 
 

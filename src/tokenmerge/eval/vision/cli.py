@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import report
 from ..baselines import MATCHED, POINTS, matched_speed, parse_baselines
+from . import explain
 from .measure import (
     DATASETS,
     TASKS,
@@ -37,7 +38,8 @@ SE_LIMIT = 0.01
 COLUMNS: list[tuple[str | tuple[str, str], str]] = [
     ("method", "method"),
     ("budget", "budget"),
-    (("throughput_ratio", "throughput_spread"), "speed-up (range)"),
+    (("throughput_ratio", "throughput_iqr"), "speed-up (IQR)"),
+    ("timing", "timing"),
     ("flops_ratio", "FLOPs"),
     ("cosine", "cos"),
     (("cosine_p05", "cosine_p05_se"), "cos p05"),
@@ -53,20 +55,13 @@ COLUMNS: list[tuple[str | tuple[str, str], str]] = [
 ]
 #: the standard errors flagged above :data:`SE_LIMIT`
 FLAGS = {"agreement_se": SE_LIMIT, "knn_agreement_se": SE_LIMIT}
-#: the plot's rows of panels, and each one's error bar (accuracies: the SE of their drop
-#: against the unreduced model, which the reference line shows)
+#: the plot's rows of panels (the measures with statistical power at the run's n: the
+#: accuracies' own drops are noise next to them), and each one's error bar
 PLOTTED = [
-    ("agreement", "probe agreement"),
-    ("probe_acc", "linear-probe accuracy"),
-    ("knn_acc", "k-NN accuracy"),
-    ("cosine_p05", "CLS cosine, 5th percentile"),
+    ("agreement", "probe decisions unchanged (higher is better)"),
+    ("cosine_p05", "CLS cosine, 5th percentile (higher is better)"),
 ]
-ERRORS = {
-    "agreement": "agreement_se",
-    "probe_acc": "probe_drop_se",
-    "knn_acc": "knn_drop_se",
-    "cosine_p05": "cosine_p05_se",
-}
+ERRORS = {"agreement": "agreement_se", "cosine_p05": "cosine_p05_se"}
 
 
 def parse_datasets(spec: str | None) -> tuple[str, ...]:
@@ -198,10 +193,7 @@ def write_reports(meta: dict[str, Any], rows: list[dict[str, Any]], stem: Path) 
         stem.with_suffix(".png"),
         PLOTTED,
         f"{rows[0]['model']} (n={cfg['n']} per dataset, CPU, batch {cfg['batch_size']})",
-        base={
-            d: {"agreement": 1.0, "cosine_p05": 1.0} | {k: b[k] for k in ("probe_acc", "knn_acc")}
-            for d, b in meta["base"].items()
-        },
+        base={d: {"agreement": 1.0, "cosine_p05": 1.0} for d in meta["base"]},
         errors=ERRORS,
         by="dataset",
     )
@@ -231,10 +223,16 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], order: Sequence[s
         f"# tokenmerge bench: {model}\n",
         f"**Hardest dataset: {hardest}** (lowest mean cos p05 over the methods' rows, the "
         f"baselines left out: {ranking}). Its table comes first.\n",
+        explain.load_warning(rows),
+        explain.summary(rows, order),
         f"{model} ({backend}), n={cfg['n']} images per dataset, batch {cfg['batch_size']}. "
         "Speed-up is the median of interleaved runs against the unpatched model with its fused "
-        "attention, on the same dataset's images, with the lowest and highest run in "
-        "brackets. cos p05 ± its bootstrap standard error (200 resamples). "
+        "attention, with the interquartile range of the runs in brackets (older runs: the "
+        "lowest and highest). A row whose token counts its budget fixes runs as fast on any "
+        "image, so it is timed once, on the first dataset's images, and shown under each; "
+        "dynamic methods and autotuned plans are timed on each dataset's own images. cos p05 "
+        "± its bootstrap standard error (200 resamples). Every column is defined in the "
+        "glossary at the end. "
         f"{report.FLAG} marks an agreement whose standard error is above "
         f"{SE_LIMIT} (n = 1000 keeps it below whenever the agreement is at least 0.9).\n",
     ]
@@ -265,10 +263,22 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], order: Sequence[s
             f"Unreduced on {d} (n={b['n']}, {b['classes']} classes): "
             f"k-NN {b['knn_acc']:.3f} ± {b['knn_acc_se']:.3f}, "
             f"probe {b['probe_acc']:.3f} ± {b['probe_acc_se']:.3f}.\n",
-            report.table([r for r in rows if r["dataset"] == d], COLUMNS, FLAGS),
+            report.table(
+                [
+                    r
+                    | {
+                        "timing": explain.timing_note(r),
+                        "throughput_iqr": r.get("throughput_iqr") or r.get("throughput_spread"),
+                    }
+                    for r in rows
+                    if r["dataset"] == d
+                ],
+                COLUMNS,
+                FLAGS,
+            ),
             matched_table([e for e in matched_speed(rows) if e["dataset"] == d]),
         ]
-    return "\n".join([*parts, report.footer(meta)])
+    return "\n".join([*parts, explain.GLOSSARY, report.footer(meta)])
 
 
 def matched_table(entries: list[dict[str, Any]]) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from ...api import adapter_for, state
 from ...core.budget import Budget, budget_label
-from ...methods.base import Method, get_method
+from ...methods.base import REGISTRY, Method, get_method
 from ...tune.autotune import autotune, check_methods
 from ...tune.calibration import Calibrated, calibrate
 from ...tune.plan import Plan
@@ -60,6 +60,9 @@ class VisionBenchConfig:
     #: saved plans to measure beside the methods, by label (``tokenmerge tune``'s output)
     plans: dict[str, Plan] = field(default_factory=dict)
 
+
+#: untimed pairs before each row's timed ones
+TIMING_WARMUP = 1
 
 #: calibration images given to each autotune search (a quarter held out to validate its plan)
 AUTOTUNE_IMAGES = 128
@@ -178,12 +181,20 @@ def run(
     decoder = zoo.load_saliency_decoder() if want_sal else None
     configs, ladder = _method_configs(cfg), _downsample_ladder(cfg, vm)
     if plan is not None:
-        extra = len(cfg.autotune) + len(cfg.plans)
-        plan(cfg.n * len(datasets) * (1 + len(configs) + len(ladder) + extra))
+        rows_per_dataset = len(configs) + len(ladder) + len(cfg.autotune) + len(cfg.plans)
+        quality = cfg.n * len(datasets) * (1 + rows_per_dataset)
+        # timed once: every row on the first dataset, then only the image-dependent methods
+        # autotune's plans are searched per dataset, so they are timed on each
+        dynamic = sum(REGISTRY[m].dynamic for m, _ in configs) + len(cfg.autotune)
+        timed_rows = rows_per_dataset + (len(datasets) - 1) * dynamic
+        plan(quality + ("speed" in cfg.tasks) * timed_rows * _timing_images(cfg))
     rows: list[dict[str, Any]] = []
     base: dict[str, dict[str, Any]] = {}
+    shared: dict[tuple[str, str], Timing | None] = {}
     for name in datasets:
-        ds_rows, base[name] = _run_dataset(cfg, name, vm, decoder, configs, ladder, progress)
+        ds_rows, base[name] = _run_dataset(
+            cfg, name, vm, decoder, configs, ladder, progress, shared
+        )
         versus(ds_rows, "downsample")
         versus(ds_rows, "tome")
         rows += ds_rows
@@ -211,6 +222,11 @@ def hardest_first(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(p05, key=p05.__getitem__)
 
 
+def _timing_images(cfg: VisionBenchConfig) -> int:
+    """Images one timed row runs: both models, warm-up and timed pairs, a batch each."""
+    return 2 * (TIMING_WARMUP + cfg.timing_runs) * cfg.batch_size
+
+
 def _run_dataset(
     cfg: VisionBenchConfig,
     name: str,
@@ -219,8 +235,13 @@ def _run_dataset(
     configs: list[tuple[str, Budget]],
     ladder: list[int],
     progress: Callable[[int], None] | None,
+    shared: dict[tuple[str, str], Timing | None],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every configuration on one dataset: its rows and the unreduced model's accuracies."""
+    """Every configuration on one dataset: its rows and the unreduced model's accuracies.
+
+    ``shared`` holds the timings of rows whose speed does not depend on the images (every
+    token count fixed by the budget: all but the dynamic methods), keyed by (method, budget):
+    timed on the first dataset, reused on the others."""
     tick = progress or (lambda k: None)
     images, labels = load_dataset(name, cfg.n, cfg.seed)
     pixels = vm.preprocess(images)
@@ -242,13 +263,16 @@ def _run_dataset(
         ``other`` (patched by ``toggle``, or smaller images)."""
         if "speed" not in cfg.tasks:
             return None
-        return interleave(
+        t = interleave(
             lambda: vm.tokens(full),
             lambda: vm.tokens(other),
             cfg.batch_size,
             cfg.timing_runs,
+            TIMING_WARMUP,
             between=toggle,
         )
+        tick(_timing_images(cfg))
+        return t
 
     runs: list[_Config] = []
     cal: list[torch.Tensor] = []  # this dataset's calibration images, loaded on first use
@@ -278,7 +302,8 @@ def _run_dataset(
             switch(False)
         n_in = _n_tokens(vm, plan and plan.input_size[0])
         flops = cost.flops(n_in, p.tokens) / cost.flops(n0, [n0] * cost.depth)
-        return _Config(kind, label, params, p, flops, switch)
+        static = not method.dynamic and kind != "autotune"  # autotune: a plan per dataset
+        return _Config(kind, label, params, p, flops, switch, static)
 
     heat = tuple(pixels.shape[-2:])
     for method_name, budget in configs:
@@ -310,7 +335,9 @@ def _run_dataset(
         p.tokens = [float(n)] * cost.depth
         flops = cost.flops(n, p.tokens) / cost.flops(n0, [n0] * cost.depth)
         # only the timing batch is kept, not all the smaller images
-        runs.append(_Config("downsample", f"{size}px", {"size": size}, p, flops, batch_of(small)))
+        runs.append(
+            _Config("downsample", f"{size}px", {"size": size}, p, flops, batch_of(small), True)
+        )
 
     feats = [base.cls.numpy()] + [c.out.cls.numpy() for c in runs]
     probe_preds = M.probe_predict(feats[0], labels, feats, seed=cfg.seed)
@@ -327,7 +354,13 @@ def _run_dataset(
     }
     rows = []
     for c, probe in zip(runs, probe_preds[1:], strict=True):
-        timing = timed(c.setup) if isinstance(c.setup, torch.Tensor) else timed(full, c.setup)
+        key = (c.name, c.label)
+        if c.static and key in shared:
+            timing = shared[key]
+        else:
+            timing = timed(c.setup) if isinstance(c.setup, torch.Tensor) else timed(full, c.setup)
+            if c.static:
+                shared[key] = timing
         row = {
             "model": cfg.model,
             "backend": cfg.backend,
@@ -341,6 +374,9 @@ def _run_dataset(
             "flops_ratio": c.flops_ratio,
             "throughput_ratio": timing and timing.ratio,
             "throughput_spread": timing and timing.spread,
+            "throughput_iqr": timing and timing.iqr,
+            "within_noise": timing and timing.within_noise,
+            "other_load": timing and timing.other_load,
             "base_items_per_s": timing and timing.base_items_per_s,
             "items_per_s": timing and timing.reduced_items_per_s,
         }
@@ -406,6 +442,8 @@ class _Config:
     #: patches the model on True and removes the patch on False, or a batch of
     #: downsampling's smaller images
     setup: Callable[[bool], None] | torch.Tensor
+    #: every token count fixed by the budget: the speed does not depend on the images
+    static: bool
 
 
 def _plan_params(plan: Plan) -> dict[str, Any]:

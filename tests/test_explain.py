@@ -170,8 +170,10 @@ def test_bench_times_fixed_count_rows_once_and_dynamic_ones_per_dataset(monkeypa
         datasets=("textiles", "photos"), n=16, batch_size=4, timing_runs=3,
         downsample_steps=(1,), tasks=frozenset({"cosine", "speed"}),
     )  # fmt: skip
-    seen, total = [], []
-    out = measure.run(cfg, seen.append, total.append)
+    seen, total, phases = [], [], []
+    out = measure.run(cfg, seen.append, total.append, phases.append)
+    assert phases == ["loading tiny", "textiles: quality", "textiles: timing", "photos: quality",
+                      "photos: timing"]  # fmt: skip
     rows = {(r["dataset"], r["method"]): r for r in out["rows"]}
     assert set(rows) == {(d, m) for d in cfg.datasets for m in ("tome", "dtome", "random",
                                                                 "downsample")}  # fmt: skip

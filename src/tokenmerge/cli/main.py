@@ -68,8 +68,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"cannot tell what kind of model {args.model!r} is; pass --kind vision|text|llm"
         )
-    for flag in ("baselines", "autotune", "plan"):
-        if getattr(args, flag) is not None and kind != "vision":
+    if args.full and args.quick:
+        raise SystemExit("--full and --quick exclude each other")
+    for flag in ("baselines", "autotune", "plan", "full"):
+        if getattr(args, flag) not in (None, False) and kind != "vision":
             raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
     module = importlib.import_module(f"tokenmerge.eval.{kind}")
     return module.cli_main(args)
@@ -176,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="METHOD=B1,B2: budgets for one method (overrides --budgets for it)",
     )
     b.add_argument("--quick", action="store_true", help="CI smoke-test size (minutes on 2 cores)")
+    b.add_argument(
+        "--full",
+        action="store_true",
+        help="vision: the published size (n=1000 per data set, ToMe r=8,12,16,20, six input "
+        "sizes; about an hour on 2 cores) instead of the default quick look (about 5 minutes)",
+    )
     b.add_argument("--param", action="append", help="METHOD.NAME=VALUE hyper-parameter")
     b.add_argument("--tasks", help="comma-separated subset of cosine,knn,probe,saliency,speed")
     b.add_argument(
@@ -183,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated data sets (vision: textiles, photos, fashion-mnist; default: all)",
     )
     b.add_argument(
-        "--n", type=int, help="samples for the quality tasks (vision: per data set, default 1000)"
+        "--n",
+        type=int,
+        help="samples for the quality tasks (vision: per data set, default 96; --full 1000)",
     )
     b.add_argument("--batch-size", type=int, help="batch size")
     b.add_argument("--timing-runs", type=int, help="interleaved timing pairs (default 5)")

@@ -151,14 +151,16 @@ def run(
     cfg: VisionBenchConfig,
     progress: Callable[[int], None] | None = None,
     plan: Callable[[int], None] | None = None,
+    phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark on every dataset of ``cfg``.
 
     Returns ``{"rows": [...], "base": {dataset: {...}}, "hardest": [datasets]}``: the rows
     in dataset order, each carrying its ``dataset``; the unreduced model's accuracies per
     dataset; the datasets hardest first (:func:`hardest_first`). ``progress(k)`` is called
-    after every ``k`` images, ``plan(total)`` once the number of images to run is known (after
-    the model is loaded)."""
+    after every ``k`` images (timing included), ``plan(total)`` once the number of images to
+    run is known (after the model is loaded), ``phase(what)`` as each phase starts (loading,
+    then per dataset quality, autotune, timing)."""
     from .. import zoo
 
     datasets = check_datasets(cfg.datasets)  # refused before the model loads
@@ -176,6 +178,8 @@ def run(
         if bad:
             raise ValueError(f"autotune targets are speed-ups above 1 (e.g. 1.5, 2), got {bad}")
     torch.manual_seed(cfg.seed)
+    say = phase or (lambda what: None)
+    say(f"loading {cfg.model}")
     vm = zoo.load_vision(cfg.model, backend=cfg.backend)
     want_sal = "saliency" in cfg.tasks and cfg.model == "dinov2-s"
     decoder = zoo.load_saliency_decoder() if want_sal else None
@@ -193,7 +197,7 @@ def run(
     shared: dict[tuple[str, str], Timing | None] = {}
     for name in datasets:
         ds_rows, base[name] = _run_dataset(
-            cfg, name, vm, decoder, configs, ladder, progress, shared
+            cfg, name, vm, decoder, configs, ladder, progress, shared, say
         )
         versus(ds_rows, "downsample")
         versus(ds_rows, "tome")
@@ -236,6 +240,7 @@ def _run_dataset(
     ladder: list[int],
     progress: Callable[[int], None] | None,
     shared: dict[tuple[str, str], Timing | None],
+    say: Callable[[str], None],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every configuration on one dataset: its rows and the unreduced model's accuracies.
 
@@ -243,6 +248,7 @@ def _run_dataset(
     token count fixed by the budget: all but the dynamic methods), keyed by (method, budget):
     timed on the first dataset, reused on the others."""
     tick = progress or (lambda k: None)
+    say(f"{name}: quality")
     images, labels = load_dataset(name, cfg.n, cfg.seed)
     pixels = vm.preprocess(images)
     n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
@@ -315,6 +321,7 @@ def _run_dataset(
         runs.append(measured(method_name, label, report.method_params(method, label), method))
     plans = [("plan", label, p) for label, p in cfg.plans.items()]
     for target in cfg.autotune:
+        say(f"{name}: autotune {target:g}x")
         found = autotune(
             vm.model,
             autotune_pixels(),
@@ -326,6 +333,8 @@ def _run_dataset(
             seed=cfg.seed,
         )
         plans.append(("autotune", f"{target:g}x", found))
+    if cfg.autotune:
+        say(f"{name}: quality")
     for kind, label, p in plans:
         runs.append(measured(kind, label, _plan_params(p), p.to_method(), p))
     for size in ladder:
@@ -353,6 +362,8 @@ def _run_dataset(
         "cosine": 1.0,
     }
     rows = []
+    if "speed" in cfg.tasks:
+        say(f"{name}: timing")
     for c, probe in zip(runs, probe_preds[1:], strict=True):
         key = (c.name, c.label)
         if c.static and key in shared:

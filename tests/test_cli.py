@@ -99,7 +99,7 @@ def test_list(capsys):
         (["bench", "--autotune", "0.5"], "speed-ups above 1 (e.g. 1.5, 2), got [0.5]"),
         (["bench", "--autotune", "2x"], "speed-ups above 1, e.g. 1.5,2; got '2x'"),
         (["bench", "--autotune", "2", "--autotune-methods", "dtome"], "accepted: "),
-        (["bench", "--kind", "text", "--autotune", "2"], "--autotune applies to vision"),
+        (["bench", "--model", "minilm", "--autotune", "2"], "--autotune applies to vision"),
     ],
 )
 def test_bad_cli_input(argv, match, capsys):

@@ -254,7 +254,7 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
     model = tiny_lm(len(tok))
     monkeypatch.setattr(zoo, "load_causal_lm", lambda name: (model, tok))
     argv = [
-        "bench", "--model", "tiny", "--kind", "llm", "--quick", "--out", str(tmp_path),
+        "bench", "--model", "hf:tiny", "--kind", "llm", "--quick", "--out", str(tmp_path),
         "--name", "t", "--methods", "snapkv,kvzip,tova,fastv",
         "--param", "bench.lengths=96", "--param", "bench.memory_lengths=96",
         "--param", "bench.speed_length=96", "--param", "bench.continuation=32",
@@ -290,7 +290,7 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
         else:
             assert r["kv_kept"] is None
     md = (tmp_path / "t.md").read_text()
-    assert md.startswith("# tokenmerge bench: tiny") and "Which method wins" in md
+    assert md.startswith("# tokenmerge bench: hf:tiny") and "Which method wins" in md
     assert "Perplexity cross-check" in md and " ± " in md
     # the report made again from the saved JSON is the one the run wrote
     (tmp_path / "t.md").unlink()

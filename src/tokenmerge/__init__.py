@@ -5,8 +5,10 @@
 >>> tm.remove(model)                  # exact original again
 """
 
+from typing import TYPE_CHECKING
+
+from . import zoo
 from .adapters import ReductionNotApplied, UnsupportedModelError
-from .adapters.hf_decoder import ReducedCache, chunked_prefill
 from .api import apply, patch_of, patched, remove, state, summary, supported_families
 from .core import (
     Budget,
@@ -20,29 +22,101 @@ from .core import (
     TargetTokens,
     TokenState,
 )
-from .methods import REGISTRY, Method, ToMe, get_method
+from .methods import (
+    ATC,
+    GTP,
+    H2O,
+    M3,
+    REGISTRY,
+    TOVA,
+    AdaKV,
+    AIMPrune,
+    DToMe,
+    EViT,
+    ExpectedAttention,
+    FastV,
+    HoliTomInner,
+    KeyDiff,
+    KNorm,
+    KVzip,
+    Method,
+    PiToMe,
+    RandomKV,
+    RandomPrune,
+    SnapKV,
+    StreamingLLM,
+    ToFu,
+    TokenTransforming,
+    ToMe,
+    VisionZip,
+    get_method,
+)
 from .tune import Plan, autotune, calibrate
+
+if TYPE_CHECKING:
+    from .adapters.hf_decoder import ReducedCache, chunked_prefill
 
 __version__ = "0.1.0"
 
+
+_LAZY = ("ReducedCache", "chunked_prefill")
+
+
+def __getattr__(name: str):
+    # the decoder-LLM helpers need transformers: imported on first use, so that
+    # ``import tokenmerge`` works with only the [timm] extra installed
+    if name in _LAZY:
+        from .adapters import hf_decoder
+
+        return getattr(hf_decoder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
+    "ATC",
+    "GTP",
+    "H2O",
+    "M3",
     "REGISTRY",
+    "TOVA",
+    "AIMPrune",
+    "AdaKV",
     "Budget",
     "Constant",
     "CostModel",
+    "DToMe",
+    "EViT",
+    "ExpectedAttention",
+    "FastV",
+    "HoliTomInner",
     "Inflection",
+    "KNorm",
+    "KVzip",
     "KeepRatio",
+    "KeyDiff",
     "Method",
     "PerLayer",
+    "PiToMe",
     "Plan",
+    "RandomKV",
+    "RandomPrune",
     "ReducedCache",
     "Reduction",
     "ReductionNotApplied",
+    "SnapKV",
+    "StreamingLLM",
     "TargetFlops",
     "TargetTokens",
+    "ToFu",
     "ToMe",
     "TokenState",
+    "TokenTransforming",
     "UnsupportedModelError",
+    "VisionZip",
     "apply",
     "autotune",
     "calibrate",
@@ -54,4 +128,5 @@ __all__ = [
     "state",
     "summary",
     "supported_families",
+    "zoo",
 ]

@@ -1,73 +1,39 @@
-"""``tokenmerge bench | bench-compile | visualize | list``: a thin layer over
-:mod:`tokenmerge.eval`."""
+"""tokenmerge's command line: bench | bench-compile | bench-profile | visualize | tune | report |
+list, a thin layer over tokenmerge.eval. Every argument is checked before a model loads; an
+error is one line on stderr and exit status 2 (--debug shows the traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..adapters import UnsupportedModelError
-from ..core.budget import parse_budget
+from ..core.budget import budget_label, parse_budget
+from ..zoo import CATALOG
 from . import tune
-
-
-def parse_params(items: Sequence[str]) -> dict[str, dict[str, object]]:
-    """``tome.prop_attn=false`` -> ``{"tome": {"prop_attn": False}}``."""
-    out: dict[str, dict[str, object]] = {}
-    for item in items:
-        try:
-            key, raw = item.split("=", 1)
-            method, name = key.split(".", 1)
-        except ValueError:
-            raise SystemExit(f"--param expects METHOD.NAME=VALUE, got {item!r}") from None
-        low = raw.lower()
-        val: object = {"true": True, "false": False, "none": None}.get(low, raw)
-        if val is raw:
-            try:
-                val = float(raw) if "." in raw else int(raw)
-            except ValueError:
-                val = raw
-        out.setdefault(method, {})[name] = val
-    return out
-
-
-def parse_method_budgets(
-    items: Sequence[str],
-    parse: Callable[[str], Any] = parse_budget,
-    accepted: Sequence[str] | None = None,
-) -> dict[str, list]:
-    """``pitome=keep:0.9,keep:0.8`` -> ``{"pitome": [KeepRatio(0.9), KeepRatio(0.8)]}``.
-
-    ``parse`` reads one budget (the LLM bench's are compression factors); a METHOD that is not
-    in ``accepted`` (when given: what the run benchmarks) is refused."""
-    out = {}
-    for item in items:
-        method, sep, rest = item.partition("=")
-        if not sep or not rest:
-            raise SystemExit(f"--budgets-for expects METHOD=B1,B2,..., got {item!r}")
-        if accepted is not None and method.strip() not in accepted:
-            raise SystemExit(
-                f"--budgets-for expects METHOD=B1,B2 with METHOD one of the benchmarked methods "
-                f"({', '.join(accepted)}); got {item!r}"
-            )
-        out[method.strip()] = [parse(b) for b in rest.split(",")]
-    return out
-
-
-#: The kind of benchmark each zoo model gets; hub names need ``--kind``.
-KINDS = {"dinov2-s": "vision", "minilm": "text", "smollm2-135m": "llm", "qwen2.5-coder-0.5b": "llm"}
+from .checks import (
+    ERRORS,
+    HUB_FORMS,
+    OUT,
+    CLIError,
+    check_image,
+    check_methods,
+    check_model,
+    few_tokens,
+    few_tokens_message,
+    positive,
+    warn,
+    warn_few_tokens,
+    zoo_tokens,
+)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    kind = args.kind or KINDS.get(args.model)
-    if kind is None:
-        raise SystemExit(
-            f"cannot tell what kind of model {args.model!r} is; pass --kind vision|text|llm"
-        )
+    kind = check_model(args.model, args.kind)
     if args.full and args.quick:
         raise SystemExit("--full and --quick exclude each other")
     for flag in ("baselines", "autotune", "plan", "full"):
@@ -80,27 +46,64 @@ def _bench(args: argparse.Namespace) -> int:
 def _visualize(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from PIL import Image
 
     from ..api import apply, state
-    from ..eval import zoo
-    from ..eval.visualize import save_overlay
+    from ..eval.visualize import letterbox, save_overlay
     from ..methods import get_method
 
+    # every argument checked before the model loads
+    check_model(args.model, "vision", "visualize")
+    check_methods([args.method], "--method")
+    img = check_image(args.image)
+    budget = parse_budget(args.budget)
+    method = get_method(args.method, r=budget)
+    out = Path(args.out or str(Path(args.image).with_suffix("")) + f"-{args.method}.png")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {str(out)!r}: no folder {str(out.parent)!r}")
+    warn_few_tokens(args.model, [(args.method, budget)])
+
+    from ..eval import zoo
+
     vm = zoo.load_vision(args.model, backend=args.backend)
-    img = Image.open(args.image).convert("RGB")
-    pixels = vm.preprocess([img], resize="crop")
-    apply(vm.model, get_method(args.method, r=parse_budget(args.budget)))
+    square, box = letterbox(img, vm.image_size)  # padded, not cropped: the whole image is seen
+    pixels = vm.preprocess([square], resize="squash")
+    apply(vm.model, method)
     with torch.inference_mode():
         vm.tokens(pixels)
+    st = state(vm.model)
+    counts = [float(c[0]) for c in st.tokens_per_layer]
+    low = few_tokens(counts)
+    if low is not None and zoo_tokens(args.model) is None:  # zoo models were warned about above
+        warn(few_tokens_message(args.method, budget, args.model, st.n_orig, *low))
     # the image exactly as the model saw it (undo the normalisation)
     mean = torch.tensor(vm.mean).view(3, 1, 1)
     std = torch.tensor(vm.std).view(3, 1, 1)
     seen = ((pixels[0] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    out = args.out or str(Path(args.image).with_suffix("")) + f"-{args.method}.png"
-    save_overlay(np.ascontiguousarray(seen), state(vm.model), out)
-    print(f"wrote {out}")
+    padded = " (letterboxed)" if box[2:] != (vm.image_size, vm.image_size) else ""
+    caption = (
+        f"{args.method} {budget_label(budget)} on {args.model}{padded}: "
+        f"{st.n_orig} -> {counts[-1]:.0f} tokens after {len(counts)} layers"
+    )
+    save_overlay(np.ascontiguousarray(seen), st, str(out), caption=caption)
+    print(f"wrote {out} ({caption})")
     return 0
+
+
+def _diagnostic(module: str, command: str) -> Callable[[argparse.Namespace], int]:
+    """bench-compile / bench-profile: the arguments checked, then the module's ``cli_main``."""
+
+    def run(args: argparse.Namespace) -> int:
+        check_model(args.model, "vision", command)
+        check_methods([args.method], "--method")
+        budgets = [parse_budget(b) for b in args.budgets.split(",")]
+        if getattr(args, "dataset", None) is not None:
+            from ..eval.vision.measure import check_datasets
+
+            check_datasets([args.dataset])
+        warn_few_tokens(args.model, [(args.method, b) for b in budgets])
+        return importlib.import_module(module).cli_main(args)
+
+    return run
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -131,7 +134,7 @@ def _report(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from ..api import supported_families
     from ..methods import REGISTRY
-    from ..zoo import CATALOG, describe
+    from ..zoo import describe
 
     print("methods:")
     for name, cls in sorted(REGISTRY.items()):
@@ -146,58 +149,130 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it names one itself or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and all(action.default is not v for v in (None, False, argparse.SUPPRESS))
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (``tokenmerge bench: error: ...``), exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        sub = super().add_subparsers(**kwargs)
+        add = sub.add_parser
+
+        def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+            kw.setdefault("description", kw.get("help"))  # `tokenmerge CMD --help` says it too
+            return add(name, **kw)
+
+        sub.add_parser = add_parser  # type: ignore[method-assign]
+        return sub
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _diagnostic_args(p: argparse.ArgumentParser, budgets: str, batch_size: int, stem: str) -> None:
     """The options shared by the one-model vision diagnostics (bench-compile, bench-profile)."""
-    p.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
-    p.add_argument("--backend", default="hf", choices=["hf", "timm"])
-    p.add_argument("--method", default="tome", help="a registered block method (default: tome)")
+    p.add_argument("--model", default="dinov2-s", help=f"a vision zoo name, or {HUB_FORMS}")
+    p.add_argument("--backend", default="hf", choices=["hf", "timm"], help="dinov2-s's framework")
+    p.add_argument("--method", default="tome", help="a registered block method (tokenmerge list)")
     p.add_argument(
-        "--budgets", default=budgets, help=f"comma-separated budgets (default: {budgets})"
+        "--budgets",
+        default=budgets,
+        help="comma-separated budgets: 8 (tokens removed per layer), 16:-1, list:8/8/4, "
+        "keep:0.9, tokens:64, flops:0.5",
     )
-    p.add_argument(
-        "--batch-size", type=int, default=batch_size, help=f"batch size (default: {batch_size})"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs/results", help="output folder")
-    p.add_argument("--name", help=f"file stem (default: {stem}-MODEL-BACKEND)")
+    p.add_argument("--batch-size", type=positive, default=batch_size, help="images per batch")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default=OUT, help="output folder (relative to the current one)")
+    p.add_argument("--name", help=f"file stem of the outputs (default: {stem}-MODEL-BACKEND)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenmerge", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="tokenmerge", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     b = sub.add_parser("bench", help="benchmark methods × budgets against the unreduced model")
-    b.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
-    b.add_argument("--kind", choices=["vision", "text", "llm"], help="needed for hub names")
-    b.add_argument("--backend", default="hf", choices=["hf", "timm"])
-    b.add_argument("--methods", help="comma-separated registered methods (default: tome)")
-    b.add_argument("--budgets", help="comma-separated budgets: 8, 16:-1, keep:0.9, flops:0.5")
+    b.add_argument(
+        "--model", default="dinov2-s", help=f"a zoo name (tokenmerge list), or {HUB_FORMS}"
+    )
+    b.add_argument(
+        "--kind",
+        choices=["vision", "text", "llm"],
+        help="the kind of a hf:/timm: model (default: the zoo model's own)",
+    )
+    b.add_argument(
+        "--backend", default="hf", choices=["hf", "timm"], help="vision: dinov2-s's framework"
+    )
+    b.add_argument(
+        "--methods",
+        help="comma-separated registered methods (default: tome; LLMs: snapkv,pyramidkv,...)",
+    )
+    b.add_argument(
+        "--budgets",
+        help="comma-separated budgets: 8 (tokens removed per layer), 16:-1, list:8/8/4, "
+        "keep:0.9 (per layer), tokens:64, flops:0.5; LLMs: compression factors 2,4,8 "
+        "(default: the preset's)",
+    )
     b.add_argument(
         "--budgets-for",
         action="append",
-        help="METHOD=B1,B2: budgets for one method (overrides --budgets for it)",
+        help="METHOD=B1,B2: budgets for one method (overrides --budgets for it; repeatable; "
+        "default: none)",
     )
-    b.add_argument("--quick", action="store_true", help="CI smoke-test size (minutes on 2 cores)")
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke-test size (minutes on 2 cores; default: off)",
+    )
     b.add_argument(
         "--full",
         action="store_true",
         help="vision: the published size (n=1000 per data set, ToMe r=8,12,16,20, six input "
         "sizes; about an hour on 2 cores) instead of the default quick look (about 5 minutes)",
     )
-    b.add_argument("--param", action="append", help="METHOD.NAME=VALUE hyper-parameter")
-    b.add_argument("--tasks", help="comma-separated subset of cosine,knn,probe,saliency,speed")
+    b.add_argument(
+        "--param",
+        action="append",
+        help="METHOD.NAME=VALUE: a method's hyper-parameter, e.g. tome.prop_attn=false "
+        "(repeatable; LLMs also take bench.NAME=VALUE settings; default: none)",
+    )
+    b.add_argument(
+        "--tasks",
+        help="comma-separated subset of the tasks (default: all; vision: "
+        "cosine,knn,probe,saliency,speed; text: cosine,retrieval,probe,speed; LLMs: "
+        "needle,ppl,memory,speed)",
+    )
     b.add_argument(
         "--dataset",
-        help="comma-separated data sets (vision: textiles, photos, fashion-mnist; default: all)",
+        help="comma-separated data sets (default: all; vision: textiles, photos, "
+        "fashion-mnist; text: tweets, reviews, docs; LLMs: austen, mobydick, jargon, pydocs)",
     )
     b.add_argument(
         "--n",
-        type=int,
+        type=positive,
         help="samples for the quality tasks (vision: per data set, default 96; --full 1000)",
     )
-    b.add_argument("--batch-size", type=int, help="batch size")
-    b.add_argument("--timing-runs", type=int, help="interleaved timing pairs (default 5)")
-    b.add_argument("--saliency-images", type=int, help="vision: images for saliency (default 64)")
+    b.add_argument("--batch-size", type=positive, help="batch size (default: the preset's)")
+    b.add_argument("--timing-runs", type=positive, help="interleaved timing pairs (default: 5)")
+    b.add_argument(
+        "--saliency-images", type=positive, help="vision: images for saliency (default: 32)"
+    )
     b.add_argument(
         "--baselines",
         help="vision: baselines run beside the methods, downsample,random (default) or none; "
@@ -206,47 +281,56 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--autotune",
         help="vision: comma-separated measured speed-ups (e.g. 1.5,2) to autotune for on each "
-        "data set's calibration images; one 'autotune' row each",
+        "data set's calibration images; one 'autotune' row each (default: none)",
     )
     b.add_argument(
         "--autotune-methods", help="vision: methods the autotuner may choose (default: tome)"
     )
     b.add_argument(
-        "--autotune-time", type=float, help="vision: seconds per autotune search (default 240)"
+        "--autotune-time", type=float, help="vision: seconds per autotune search (default: 240)"
     )
     b.add_argument(
-        "--plan", action="append", help="vision: a plan JSON from `tokenmerge tune` to measure"
+        "--plan",
+        action="append",
+        help="vision: a plan JSON from `tokenmerge tune` to measure (repeatable; default: none)",
     )
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="docs/results", help="output folder")
+    b.add_argument("--seed", type=int, default=0, help="random seed")
+    b.add_argument("--out", default=OUT, help="output folder (relative to the current one)")
     b.add_argument("--name", help="file stem of the outputs (default: MODEL-BACKEND)")
     b.set_defaults(func=_bench)
 
     v = sub.add_parser("visualize", help="draw the merge groups of one image as a PNG")
-    v.add_argument("image")
-    v.add_argument("--method", default="tome")
-    v.add_argument("--budget", default="16")
-    v.add_argument("--model", default="dinov2-s")
-    v.add_argument("--backend", default="hf", choices=["hf", "timm"])
-    v.add_argument("--out", help="output PNG (default: IMAGE-METHOD.png)")
+    v.add_argument(
+        "image", help="the image file (non-square images are padded to the model's square input)"
+    )
+    v.add_argument("--method", default="tome", help="a registered block method (tokenmerge list)")
+    v.add_argument(
+        "--budget",
+        default="16",
+        help="one budget: 16 (tokens removed per layer), 16:-1, list:8/8/4, keep:0.9, "
+        "tokens:64, flops:0.5",
+    )
+    v.add_argument("--model", default="dinov2-s", help=f"a vision zoo name, or {HUB_FORMS}")
+    v.add_argument("--backend", default="hf", choices=["hf", "timm"], help="dinov2-s's framework")
+    v.add_argument("--out", help="output PNG (default: IMAGE-METHOD.png next to the image)")
     v.set_defaults(func=_visualize)
 
     c = sub.add_parser(
         "bench-compile", help="torch.compile versus eager, unpatched and patched (vision)"
     )
     _diagnostic_args(c, budgets="8,16", batch_size=16, stem="compile")
-    c.add_argument("--rounds", type=int, default=10, help="timed rounds (default: 10)")
-    c.set_defaults(func=lambda a: importlib.import_module("tokenmerge.eval.compiled").cli_main(a))
+    c.add_argument("--rounds", type=positive, default=10, help="timed rounds")
+    c.set_defaults(func=_diagnostic("tokenmerge.eval.compiled", "bench-compile"))
 
     pr = sub.add_parser(
         "bench-profile", help="CPU time per operator group, unpatched and patched (vision)"
     )
     _diagnostic_args(pr, budgets="16,20", batch_size=32, stem="profile")
     pr.add_argument(
-        "--dataset", default="textiles", help="textiles (default), photos or fashion-mnist"
+        "--dataset", default="textiles", help="the images: textiles, photos or fashion-mnist"
     )
-    pr.add_argument("--calls", type=int, default=3, help="profiled calls (default: 3)")
-    pr.set_defaults(func=lambda a: importlib.import_module("tokenmerge.eval.profiled").cli_main(a))
+    pr.add_argument("--calls", type=positive, default=3, help="profiled calls")
+    pr.set_defaults(func=_diagnostic("tokenmerge.eval.profiled", "bench-profile"))
 
     r = sub.add_parser(
         "report", help="remake a bench's Markdown (vision: and plot) from its saved JSON"
@@ -258,15 +342,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the registered methods and model families")
     ls.set_defaults(func=_list)
+
+    for command in sub.choices.values():  # also after the command: tokenmerge bench --debug
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="as tokenmerge --debug"
+        )
     return p
 
 
+def _one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command: 0 on success; a bad argument or input is one line on stderr and exit
+    status 2 (returned, or a :class:`CLIError` where a bench module raised ``SystemExit(msg)``);
+    ``--debug`` adds the traceback."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except (ValueError, UnsupportedModelError) as e:
-        print(f"tokenmerge: error: {e}", file=sys.stderr)
+    except SystemExit as e:
+        if isinstance(e, CLIError) or not isinstance(e.code, str):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"tokenmerge: error: {_one_line(e)}", file=sys.stderr)
+        raise CLIError(_one_line(e)) from None
+    except ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"tokenmerge: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

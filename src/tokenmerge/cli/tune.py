@@ -13,22 +13,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "tune", help="search input size + per-layer schedule for a speed-up (tm.autotune)"
     )
-    t.add_argument("--model", default="dinov2-s", help="zoo name, timm:NAME or hf:NAME")
-    t.add_argument("--backend", default="hf", choices=["hf", "timm"])
+    from .checks import HUB_FORMS, OUT, positive
+
+    t.add_argument("--model", default="dinov2-s", help=f"a vision zoo name, or {HUB_FORMS}")
+    t.add_argument("--backend", default="hf", choices=["hf", "timm"], help="dinov2-s's framework")
     target = t.add_mutually_exclusive_group(required=True)
-    target.add_argument("--speedup", type=float, help="measured throughput target, e.g. 2")
-    target.add_argument("--flops", type=float, help="analytic FLOPs ratio target, e.g. 0.5")
+    target.add_argument(
+        "--speedup",
+        type=float,
+        help="measured throughput target, e.g. 2 (this or --flops is required)",
+    )
+    target.add_argument(
+        "--flops",
+        type=float,
+        help="analytic FLOPs ratio target, e.g. 0.5 (this or --speedup is required)",
+    )
     t.add_argument(
         "--images",
         default="textiles",
         help="unlabelled images: a bench dataset (textiles, photos, fashion-mnist) or a folder",
     )
-    t.add_argument("--n", type=int, default=128, help="images to use (default: 128)")
-    t.add_argument("--methods", default="tome", help="comma-separated methods (default: tome)")
-    t.add_argument("--time-budget", type=float, default=180.0, help="seconds (default: 180)")
-    t.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default="plan.json", help="plan file (default: plan.json)")
+    t.add_argument("--n", type=positive, default=128, help="images to use")
+    t.add_argument("--methods", default="tome", help="comma-separated registered methods")
+    t.add_argument("--time-budget", type=float, default=180.0, help="seconds of search")
+    t.add_argument("--batch-size", type=positive, default=32, help="images per batch")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument(
+        "--out",
+        default=f"{OUT}/plan.json",
+        help="plan file (relative to the current folder; its folder is made)",
+    )
     t.set_defaults(func=main)
 
 
@@ -52,13 +66,11 @@ def _images(spec: str, n: int, seed: int) -> list:
 
 def main(args: argparse.Namespace) -> int:
     from ..eval import zoo
-    from ..methods import REGISTRY
     from ..tune import autotune
+    from .checks import check_methods, check_model
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in REGISTRY]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; registered: {', '.join(sorted(REGISTRY))}")
+    check_model(args.model, "vision", "tune")
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     images = _images(args.images, args.n, args.seed)
     vm = zoo.load_vision(args.model, backend=args.backend)
     pixels = vm.preprocess(images)
@@ -75,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(args.out)
     print(plan.describe())
     print(f"wrote {args.out}; apply with tm.Plan.load({args.out!r}).apply(model)")

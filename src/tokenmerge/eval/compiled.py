@@ -16,7 +16,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,10 +137,7 @@ def cli_main(args: argparse.Namespace) -> int:
     else:
         call = lambda m, v: m(pixel_values=v).pooler_output  # noqa: E731
     rows = run(vm.model, call, x, args.method, budgets, args.rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"compile-{args.model}-{vm.backend}"
-    report.write_json(out / f"{stem}.json", meta, rows)
-    (out / f"{stem}.md").write_text(_markdown(meta, rows))
-    print(_markdown(meta, rows))
+    md = _markdown(meta, rows)
+    report.save(args.out, args.name or f"compile-{args.model}-{vm.backend}", meta, rows, md)
+    print(md)
     return 0

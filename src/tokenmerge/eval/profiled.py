@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,10 +123,7 @@ def cli_main(args: argparse.Namespace) -> int:
         "load_avg": [round(v, 2) for v in os.getloadavg()],
     }
     rows = run(vm.model, lambda m, v: vm.tokens(v), x, args.method, budgets, args.calls)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"profile-{args.model}-{vm.backend}"
-    report.write_json(out / f"{stem}.json", meta, rows)
-    (out / f"{stem}.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    md = markdown(meta, rows)
+    report.save(args.out, args.name or f"profile-{args.model}-{vm.backend}", meta, rows, md)
+    print(md)
     return 0

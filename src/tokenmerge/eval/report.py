@@ -53,6 +53,17 @@ def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> 
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
+def save(
+    folder: str | Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], md: str
+) -> Path:
+    """``folder/stem.json`` (meta and rows) and ``folder/stem.md``; returns the JSON's path."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", meta, rows)
+    (out / f"{stem}.md").write_text(md)
+    return out / f"{stem}.json"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"

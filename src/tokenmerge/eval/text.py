@@ -233,17 +233,23 @@ def _speed(st: Any, method: Method, data: _Set, n_items: int, runs: int) -> dict
     return {"speedup": t.ratio, "base_per_s": n_items / t.base_s, "per_s": n_items / t.reduced_s}
 
 
-def run(cfg: TextBenchConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"rows": [...], "base": {...}, "sets": {...}}``."""
-    from . import zoo
-
-    tick = progress or (lambda k: None)
+def validate(cfg: TextBenchConfig) -> None:
+    """Refuse unknown tasks or data sets before anything loads (the CLI calls it before its
+    progress bar starts)."""
     unknown = set(cfg.tasks) - TASKS
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; accepted: {sorted(TASKS)}")
     bad = set(cfg.datasets) - set(DATASETS)
     if bad or not cfg.datasets:
         raise ValueError(f"unknown data sets {sorted(bad)}; accepted: {', '.join(DATASETS)}")
+
+
+def run(cfg: TextBenchConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"rows": [...], "base": {...}, "sets": {...}}``."""
+    from . import zoo
+
+    tick = progress or (lambda k: None)
+    validate(cfg)
     torch.manual_seed(cfg.seed)
     st = zoo.load_sentence_transformer(cfg.model).eval()
     sets = _load_sets(st, cfg)
@@ -350,7 +356,7 @@ def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for text encoders (called by the CLI for ``--model minilm``)."""
     from tqdm import tqdm
 
-    from ..cli.main import parse_method_budgets, parse_params
+    from ..cli.checks import check_methods, parse_method_budgets, parse_params
     from ..core.budget import parse_budget
     from ..methods import REGISTRY
 
@@ -358,10 +364,8 @@ def cli_main(args: argparse.Namespace) -> int:
         for k, v in QUICK.items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
-    methods = [m.strip() for m in (args.methods or "tome").split(",")]
+    methods = check_methods([m.strip() for m in (args.methods or "tome").split(",")])
     for m in methods:
-        if m not in REGISTRY:
-            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
         if REGISTRY[m].site != "block":
             raise SystemExit(f"method {m!r} acts at the {REGISTRY[m].site!r} site, not in blocks")
     budgets = [parse_budget(b) for b in (args.budgets or DEFAULT_BUDGETS).split(",")]
@@ -382,6 +386,7 @@ def cli_main(args: argparse.Namespace) -> int:
     )
     if args.quick:
         cfg.timing_tweets, cfg.timing_docs = 64, 8
+    validate(cfg)
     sizes = {"tweets": cfg.n, "reviews": cfg.n_reviews, "docs": cfg.n_docs}
     total = sum(sizes[d] for d in cfg.datasets if d in sizes) * (1 + len(methods) * len(budgets))
     with tqdm(total=total, desc="bench", unit="text", file=sys.stderr) as bar:

@@ -6,6 +6,9 @@ borders are drawn in white, so large uniform regions show up as big merged patch
 
 from __future__ import annotations
 
+import textwrap
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -44,11 +47,53 @@ def overlay(image: np.ndarray, group_map: np.ndarray) -> np.ndarray:
     return big.clip(0, 255).astype(np.uint8)
 
 
-def save_overlay(image: np.ndarray, state: TokenState, path: str, sample: int = 0) -> str:
-    """Write the overlay next to the original image as one PNG; returns ``path``."""
+def letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """``(left, top, w, h)`` of a ``width x height`` image fitted, aspect kept, into a
+    ``size x size`` square (longest side to ``size``, centred)."""
+    s = size / max(width, height)
+    w, h = max(1, round(width * s)), max(1, round(height * s))
+    return (size - w) // 2, (size - h) // 2, w, h
+
+
+def letterbox(image: Any, size: int) -> tuple[Any, tuple[int, int, int, int]]:
+    """A PIL image padded (black) to a ``size x size`` square, not cropped, so that every part
+    of it reaches the model; and its box (:func:`letterbox_box`) in the square."""
+    from PIL import Image
+
+    box = letterbox_box(*image.size, size)
+    left, top, w, h = box
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC), (left, top))
+    return canvas, box
+
+
+def captioned(image: np.ndarray, caption: str) -> np.ndarray:
+    """``image`` (``[H, W, 3]`` uint8) with ``caption`` written in a white strip below it."""
+    from PIL import Image, ImageDraw
+
+    width = image.shape[1]
+    lines = textwrap.wrap(caption, max(20, width // 6)) or [""]  # the default font: ~6 px/char
+    strip = Image.new("RGB", (width, 4 + 12 * len(lines)), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + 12 * i), line, fill="black")
+    return np.concatenate([image, np.asarray(strip)], 0)
+
+
+def save_overlay(
+    image: np.ndarray,
+    state: TokenState,
+    path: str,
+    sample: int = 0,
+    caption: str | None = None,
+) -> str:
+    """Write the overlay next to the original image as one PNG, with ``caption`` (method,
+    budget, tokens left) below when given; returns ``path``."""
     from PIL import Image
 
     painted = overlay(image, groups(state, sample))
     side = np.concatenate([image[: painted.shape[0], : painted.shape[1]], painted], 1)
+    if caption:
+        side = captioned(side, caption)
     Image.fromarray(side).save(path)
     return path

@@ -1,17 +1,70 @@
 """Token-reduction methods, one file each; :data:`REGISTRY` lists them by name.
 
-Every module in this package is imported here, so a new method file registers itself with
-``@register`` and needs no other edit.
+Every registered method class is imported here by name (so that IDEs and type checkers see
+``tokenmerge.PiToMe``, ``tokenmerge.SnapKV``, ...), and every other module in this package is
+imported too, so a new method file registers itself with ``@register`` even before it is added
+below. ``tests/test_exports.py`` fails until it is also exported here and from ``tokenmerge``.
 """
 
 import importlib
 import pkgutil
 
+from .atc import ATC
 from .base import REGISTRY, Method, get_method, register
+from .decoder import AIMPrune, FastV, HoliTomInner
+from .dtome import DToMe
+from .gtp import GTP
+from .kv import (
+    H2O,
+    TOVA,
+    AdaKV,
+    ExpectedAttention,
+    KeyDiff,
+    KNorm,
+    KVzip,
+    RandomKV,
+    SnapKV,
+    StreamingLLM,
+)
+from .m3 import M3
+from .pitome import PiToMe
+from .pruning import EViT, RandomPrune
+from .tofu import ToFu
+from .token_transforming import TokenTransforming
 from .tome import ToMe
+from .visionzip import VisionZip
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("base", "matching"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["REGISTRY", "Method", "ToMe", "get_method", "register"]
+__all__ = [
+    "ATC",
+    "GTP",
+    "H2O",
+    "M3",
+    "REGISTRY",
+    "TOVA",
+    "AIMPrune",
+    "AdaKV",
+    "DToMe",
+    "EViT",
+    "ExpectedAttention",
+    "FastV",
+    "HoliTomInner",
+    "KNorm",
+    "KVzip",
+    "KeyDiff",
+    "Method",
+    "PiToMe",
+    "RandomKV",
+    "RandomPrune",
+    "SnapKV",
+    "StreamingLLM",
+    "ToFu",
+    "ToMe",
+    "TokenTransforming",
+    "VisionZip",
+    "get_method",
+    "register",
+]

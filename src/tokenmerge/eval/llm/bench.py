@@ -19,10 +19,17 @@ from .runner import TASKS, LLMBenchConfig, Runner, all_factors
 from .trials import Trial, make_trials, spread
 
 
-def _validate(cfg: LLMBenchConfig) -> None:
+def validate(cfg: LLMBenchConfig) -> None:
+    """Refuse a configuration before anything loads (the CLI calls it before its progress
+    bar starts)."""
+    from ..corpora import CORPORA
+
     unknown = set(cfg.tasks) - TASKS
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; accepted: {sorted(TASKS)}")
+    bad = [c for c in cfg.corpora if c not in CORPORA]
+    if bad or not cfg.corpora:
+        raise ValueError(f"unknown corpora {bad}; accepted: {', '.join(CORPORA)}")
     for m in cfg.methods:
         if m not in REGISTRY or REGISTRY[m].site not in ("kv", "decoder"):
             llm = sorted(n for n, c in REGISTRY.items() if c.site in ("kv", "decoder"))
@@ -51,7 +58,7 @@ def run(cfg: LLMBenchConfig, progress: Callable[[int], None] | None = None) -> d
     (:func:`summarize`)."""
     from .. import zoo
 
-    _validate(cfg)
+    validate(cfg)
     tick = progress or (lambda k: None)
     torch.manual_seed(cfg.seed)
     model, tok = zoo.load_causal_lm(cfg.model)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ...methods import REGISTRY
 from ...methods.kv import KV_SCORERS
 from .runner import TASKS, LLMBenchConfig, planned_steps
 
@@ -49,11 +48,11 @@ def _factor(text: str, option: str) -> float:
 
 def config(args: argparse.Namespace) -> LLMBenchConfig:
     """The run's configuration from the CLI arguments."""
-    from ...cli.main import parse_method_budgets, parse_params
+    from ...cli.checks import check_methods, parse_method_budgets, parse_params
 
     if getattr(args, "batch_size", None):
         raise SystemExit("--batch-size does not apply to the LLM bench (one sequence at a time)")
-    params = parse_params(args.param or [])
+    params = parse_params(args.param or [], settings={"bench": SETTINGS})
     bench = params.pop("bench", {})
     if args.quick:
         for k in ("n", "budgets", "methods", "timing_runs"):
@@ -63,9 +62,7 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
                   "ppl_check"):  # fmt: skip
             bench.setdefault(k, QUICK[k])
     methods = [m.strip() for m in (args.methods or ",".join(LLMBenchConfig.methods)).split(",")]
-    for m in methods:
-        if m not in REGISTRY:
-            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
+    check_methods(methods)
     factors = [_factor(f, "--budgets") for f in (args.budgets or "2,4,8").split(",")]
     per_method = parse_method_budgets(
         getattr(args, "budgets_for", None) or [],
@@ -73,9 +70,6 @@ def config(args: argparse.Namespace) -> LLMBenchConfig:
         accepted=methods,
     )
     tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
-    if set(bench) - set(SETTINGS):
-        raise SystemExit(f"unknown bench.* settings {sorted(set(bench) - set(SETTINGS))}; "
-                         f"known: {sorted(SETTINGS)}")  # fmt: skip
     d = LLMBenchConfig()
     get = lambda k, cast: cast(bench.get(k, getattr(d, k)))  # noqa: E731
     return LLMBenchConfig(
@@ -109,9 +103,10 @@ def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for decoder LLMs (called by the CLI)."""
     from tqdm import tqdm
 
-    from .bench import run
+    from .bench import run, validate
 
     cfg = config(args)
+    validate(cfg)
     with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
         result = run(cfg, bar.update)
     return write(args, cfg, result)

@@ -128,18 +128,14 @@ def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for vision models (called by the CLI)."""
     from tqdm import tqdm
 
-    from ...cli.main import parse_method_budgets, parse_params
+    from ...cli.checks import check_methods, parse_method_budgets, parse_params, warn_few_tokens
     from ...core.budget import parse_budget
-    from ...methods import REGISTRY
 
     preset = "quick" if args.quick else "full" if getattr(args, "full", False) else "default"
     for k, v in {"quick": QUICK, "full": FULL, "default": DEFAULT}[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    methods = [m.strip() for m in (args.methods or "tome").split(",")]
-    for m in methods:
-        if m not in REGISTRY:
-            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(REGISTRY))}")
+    methods = check_methods([m.strip() for m in (args.methods or "tome").split(",")])
     budgets = [parse_budget(b) for b in args.budgets.split(",")]
     try:
         baselines = parse_baselines(args.baselines)
@@ -169,14 +165,26 @@ def cli_main(args: argparse.Namespace) -> int:
         autotune_time=args.autotune_time or VisionBenchConfig.autotune_time,
         plans=load_plans(args.plan),
     )
+    runs = [(m, b) for m in cfg.methods for b in cfg.method_budgets.get(m, cfg.budgets)]
+    warn_few_tokens(cfg.model, runs, cfg.method_params)  # before the model loads
 
-    with tqdm(desc="bench", unit="img", file=sys.stderr) as bar:
+    # the bar starts with the first phase: an argument run() refuses leaves one line on stderr
+    bars: list[tqdm] = []
 
-        def plan(total: int) -> None:
-            bar.total = total
-            bar.refresh()
+    def bar() -> tqdm:
+        if not bars:
+            bars.append(tqdm(desc="bench", unit="img", file=sys.stderr))
+        return bars[0]
 
-        result = run(cfg, bar.update, plan, bar.set_description)
+    def plan(total: int) -> None:
+        bar().total = total
+        bar().refresh()
+
+    try:
+        result = run(cfg, lambda k: bar().update(k), plan, lambda what: bar().set_description(what))
+    finally:
+        for b in bars:
+            b.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"

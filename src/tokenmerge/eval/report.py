@@ -170,9 +170,9 @@ def pareto_plot(
 
     groups = list(dict.fromkeys(r.get(by) for r in rows)) if by else [None]
     if by:
-        shape, size = (len(metrics), len(groups)), (4.6 * len(groups), 3.4 * len(metrics))
-    else:
-        shape, size = (1, len(metrics)), (5 * len(metrics), 4)
+        shape, size = (len(metrics), len(groups)), (4.6 * len(groups) + 2, 3.4 * len(metrics))
+    else:  # the + 2 inches: the legend, beside the panels
+        shape, size = (1, len(metrics)), (5 * len(metrics) + 2, 4)
     fig, axes = plt.subplots(*shape, figsize=size, squeeze=False)
     methods = sorted({r["method"] for r in rows})
     for j, group in enumerate(groups):
@@ -186,7 +186,8 @@ def pareto_plot(
                 ax.set_xlabel("measured speed-up vs unpatched (right is faster)")
             if by and i == 0:
                 ax.set_title(str(group))
-    axes[0][0].legend(fontsize=8)
+    # beside the panels, where it hides no point
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

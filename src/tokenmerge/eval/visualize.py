@@ -69,14 +69,18 @@ def letterbox(image: Any, size: int) -> tuple[Any, tuple[int, int, int, int]]:
 
 def captioned(image: np.ndarray, caption: str) -> np.ndarray:
     """``image`` (``[H, W, 3]`` uint8) with ``caption`` written in a white strip below it."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    try:  # Pillow's scalable default font; its bitmap font at the default size runs words together
+        font: Any = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
     width = image.shape[1]
-    lines = textwrap.wrap(caption, max(20, width // 6)) or [""]  # the default font: ~6 px/char
-    strip = Image.new("RGB", (width, 4 + 12 * len(lines)), "white")
+    lines = textwrap.wrap(caption, max(20, width // 7)) or [""]  # ~7 px per character
+    strip = Image.new("RGB", (width, 6 + 16 * len(lines)), "white")
     draw = ImageDraw.Draw(strip)
     for i, line in enumerate(lines):
-        draw.text((4, 2 + 12 * i), line, fill="black")
+        draw.text((4, 3 + 16 * i), line, fill="black", font=font)
     return np.concatenate([image, np.asarray(strip)], 0)
 
 

@@ -78,8 +78,8 @@ FLAGS = {"agreement_se": SE_LIMIT, "knn_agreement_se": SE_LIMIT}
 #: the plot's rows of panels (the measures with statistical power at the run's n: the
 #: accuracies' own drops are noise next to them), and each one's error bar
 PLOTTED = [
-    ("agreement", "probe decisions unchanged (higher is better)"),
-    ("cosine_p05", "CLS cosine, 5th percentile (higher is better)"),
+    ("agreement", "probe agreement (higher: better)"),
+    ("cosine_p05", "CLS cosine p05 (higher: better)"),
 ]
 ERRORS = {"agreement": "agreement_se", "cosine_p05": "cosine_p05_se"}
 

@@ -176,19 +176,19 @@ def test_split_gguf_is_assembled_in_order_checked_and_cached(
     monkeypatch.setenv("TOKENMERGE_CACHE", str(tmp_path / "cache"))
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
     parts = tuple(
-        zoo._Asset(f"fake_part{i}", f"data/part{i:02d}.bin", sha(d), "pip install fake")
+        zoo.sources._Asset(f"fake_part{i}", f"data/part{i:02d}.bin", sha(d), "pip install fake")
         for i, d in enumerate(chunks, 1)
     )
-    spec = zoo._GGUFModel("fake-lm", parts, sha(b"".join(chunks)))
-    path = zoo._gguf_file(spec)
+    spec = zoo.lm._GGUFModel("fake-lm", parts, sha(b"".join(chunks)))
+    path = zoo.lm._gguf_file(spec)
     assert path.read_bytes() == b"".join(chunks) and path.parent == zoo.cache_dir() / "fake-lm"
-    assert zoo._gguf_file(spec) == path  # cached
+    assert zoo.lm._gguf_file(spec) == path  # cached
     (tmp_path / "pkg2" / "data" / "part02.bin").write_bytes(b"-part-2wo")  # corrupted
     with pytest.raises(zoo.ChecksumError, match=r"part02\.bin"):
-        zoo._gguf_file(zoo._GGUFModel("fresh-lm", parts, spec.sha256))
-    wrong = zoo._GGUFModel("other-lm", parts, sha(b"something else"))
+        zoo.lm._gguf_file(zoo.lm._GGUFModel("fresh-lm", parts, spec.sha256))
+    wrong = zoo.lm._GGUFModel("other-lm", parts, sha(b"something else"))
     with pytest.raises(zoo.ChecksumError, match="sha256 mismatch"):
-        zoo._gguf_file(wrong)
+        zoo.lm._gguf_file(wrong)
     left = zoo.cache_dir() / "other-lm"
     assert not left.exists() or not list(left.iterdir())  # no half-written file left
 
@@ -431,7 +431,7 @@ def test_dinov2_conversion_is_cached(
     def no_conversion(*args, **kwargs):
         raise AssertionError("the ONNX file was converted again")
 
-    monkeypatch.setattr(zoo, "_onnx_to_state_dict", no_conversion)
+    monkeypatch.setattr(zoo.dinov2, "_onnx_to_state_dict", no_conversion)
     vm = zoo.load_vision("dinov2-s")
     assert torch.equal(
         vm.model.embeddings.position_embeddings, dinov2_hf.model.embeddings.position_embeddings
@@ -447,9 +447,9 @@ def test_dinov2_corrupted_cache_is_rebuilt(
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
     monkeypatch.setenv("TOKENMERGE_CACHE", str(tmp_path))
     sentinel = {"decoder.final_conv.bias": torch.ones(1)}
-    monkeypatch.setattr(zoo, "_onnx_to_state_dict", lambda path: sentinel)
+    monkeypatch.setattr(zoo.dinov2, "_onnx_to_state_dict", lambda path: sentinel)
     with pytest.warns(UserWarning, match="corrupted cache"):
-        sd = zoo._dinov2_state_dict()
+        sd = zoo.dinov2._dinov2_state_dict()
     assert sd is sentinel
 
 
@@ -547,8 +547,8 @@ def test_minilm_model_tokenizer_and_sentence_transformer() -> None:
 def test_smollm2_loads_generates_and_caches() -> None:
     # Uses the user's cache folder: the first run pays the ~25 s GGUF dequantisation once.
     model, tok = zoo.load_causal_lm("smollm2-135m")
-    folder = zoo.cache_dir() / "smollm2-135m" / zoo._SMOLLM2_GGUF.sha256[:16]
-    assert zoo._cache_is_valid(folder, zoo._SMOLLM2_GGUF.sha256)
+    folder = zoo.cache_dir() / "smollm2-135m" / zoo.sources._SMOLLM2_GGUF.sha256[:16]
+    assert zoo.lm._cache_is_valid(folder, zoo.sources._SMOLLM2_GGUF.sha256)
     assert not model.training and model.dtype == torch.float32
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

@@ -175,10 +175,10 @@ def zoo_tokens(model: str) -> tuple[int, int, Any] | None:
     if model != "dinov2-s":
         return None
     from ..core.flops import CostModel
-    from ..eval import zoo
+    from ..eval.zoo import dinov2 as d
 
-    grid = zoo._DINOV2_IMAGE_SIZE // zoo._DINOV2_PATCH
-    cost = CostModel(depth=zoo._DINOV2_DEPTH, dim=zoo._DINOV2_DIM, mlp_dim=4 * zoo._DINOV2_DIM)
+    grid = d._DINOV2_IMAGE_SIZE // d._DINOV2_PATCH
+    cost = CostModel(depth=d._DINOV2_DEPTH, dim=d._DINOV2_DIM, mlp_dim=4 * d._DINOV2_DIM)
     return grid * grid + 1, 1, cost
 
 

@@ -23,14 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tokenmerge.eval.zoo import (
-    AssetError,
-    ChecksumError,
-    MissingPackageError,
-    _package_dir,
-    sha256_file,
-    verify_sha256,
-)
+from tokenmerge.eval.zoo import AssetError, ChecksumError, MissingPackageError, verify_sha256
+from tokenmerge.eval.zoo.sources import _package_dir, sha256_file
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -27,7 +27,8 @@ import numpy as np
 
 from .data import stratified_indices
 from .rlazy import r_object, unpack_record
-from .zoo import AssetError, MissingPackageError, _package_dir, cache_dir, verify_sha256
+from .zoo import AssetError, MissingPackageError, cache_dir, verify_sha256
+from .zoo.sources import _package_dir
 
 __all__ = [
     "REVIEW_CLASSES",

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..api import apply, remove
 from ..methods.base import Method
-from .cpuload import LOADED_CORES, OtherLoad
+from .cpuload import OtherLoad
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ class Timing:
         """True when the middle half of the pairs holds 1.0: not shown faster (or slower)."""
         iqr = self.iqr
         return iqr is not None and iqr[0] <= 1.0 <= iqr[1]
-
-    @property
-    def loaded(self) -> bool:
-        """Other processes took more than :data:`~.cpuload.LOADED_CORES` cores meanwhile."""
-        return self.other_load is not None and self.other_load > LOADED_CORES
 
     @property
     def base_items_per_s(self) -> float:

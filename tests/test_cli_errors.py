@@ -157,6 +157,16 @@ def zoo_names() -> str:
             "--param tome.ratio=0.5: tome has no parameter 'ratio'; accepted: {tome}",
         ),
         (
+            ["bench", "--param", "tome.r=8"],
+            "--param tome.r=8: tome's 'r' is its budget; set it with --budgets (or "
+            "--budgets-for tome=...)",
+        ),
+        (
+            ["bench", "--model", "smollm2-135m", "--param", "snapkv.ratio=0.5"],
+            "--param snapkv.ratio=0.5: snapkv's 'ratio' is its budget; set it with --budgets "
+            "(or --budgets-for snapkv=...)",
+        ),
+        (
             ["bench", "--param", "nope.r=2"],
             "--param nope.r=2: unknown method 'nope'; registered: {reg}",
         ),

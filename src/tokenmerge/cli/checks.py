@@ -79,11 +79,19 @@ def check_methods(names: Sequence[str], option: str = "--methods") -> list[str]:
     return list(names)
 
 
+#: the fields a bench sets from --budgets (ToMe-style ``r``; the LLM bench's compression
+#: ``ratio``): never a --param, which would clash with the budget at run time
+BUDGET_FIELDS = ("r", "ratio")
+
+
 def method_fields(name: str) -> list[str]:
-    """The hyper-parameters (dataclass fields) of registered method ``name``."""
+    """The hyper-parameters --param may set on registered method ``name``: its dataclass
+    fields except the budget's (:data:`BUDGET_FIELDS`)."""
     from ..methods import REGISTRY
 
-    return [f.name for f in dataclasses.fields(REGISTRY[name]) if f.init]
+    return [
+        f.name for f in dataclasses.fields(REGISTRY[name]) if f.init and f.name not in BUDGET_FIELDS
+    ]
 
 
 def check_image(path: str) -> Any:
@@ -121,6 +129,13 @@ def parse_params(
             accepted = list(settings[method])
         elif method in REGISTRY:
             accepted = method_fields(method)
+            if name in BUDGET_FIELDS and name in {
+                f.name for f in dataclasses.fields(REGISTRY[method])
+            }:
+                raise ValueError(
+                    f"--param {item}: {method}'s {name!r} is its budget; set it with --budgets "
+                    f"(or --budgets-for {method}=...)"
+                )
         else:
             known = ", ".join([*sorted(REGISTRY), *settings])
             raise ValueError(f"--param {item}: unknown method {method!r}; registered: {known}")

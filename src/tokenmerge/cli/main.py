@@ -361,19 +361,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--debug`` adds the traceback."""
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+
+    def report(e: BaseException) -> str:
+        if debug:
+            traceback.print_exc()
+        line = _one_line(e)
+        print(f"tokenmerge: error: {line}", file=sys.stderr)
+        return line
+
     try:
         return args.func(args)
     except SystemExit as e:
         if isinstance(e, CLIError) or not isinstance(e.code, str):
             raise
-        if debug:
-            traceback.print_exc()
-        print(f"tokenmerge: error: {_one_line(e)}", file=sys.stderr)
-        raise CLIError(_one_line(e)) from None
+        raise CLIError(report(e)) from None
     except ERRORS as e:
-        if debug:
-            traceback.print_exc()
-        print(f"tokenmerge: error: {_one_line(e)}", file=sys.stderr)
+        report(e)
         return 2
 
 

@@ -84,25 +84,22 @@ def interleave(
     ``between(True)`` runs before each ``other()`` and ``between(False)`` after it (untimed:
     patching and unpatching the model)."""
     switch = between or (lambda on: None)
-    bases, others, ratios = [], [], []
-    for _ in range(warmup):
-        base()
+
+    def pair() -> tuple[float, float]:
+        tb = _seconds(base)
         switch(True)
         try:
-            other()
+            return tb, _seconds(other)
         finally:
             switch(False)
-    with OtherLoad() as load:
-        for _ in range(runs):
-            tb = _seconds(base)
-            switch(True)
-            try:
-                to = _seconds(other)
-            finally:
-                switch(False)
-            bases.append(tb)
-            others.append(to)
-            ratios.append(tb / to)
+
+    for _ in range(warmup):
+        pair()
+    with OtherLoad() as load:  # the timed pairs only: warm-up noise is not the timing's
+        timed = [pair() for _ in range(runs)]
+    bases = [tb for tb, _ in timed]
+    others = [to for _, to in timed]
+    ratios = [tb / to for tb, to in timed]
     return Timing(
         batch_size,
         statistics.median(bases),

@@ -211,8 +211,7 @@ def write_reports(meta: dict[str, Any], rows: list[dict[str, Any]], stem: Path) 
     made from the JSON's ``meta`` and ``rows``, datasets ranked by :func:`.hardest_first`);
     returns the suffixes written."""
     cfg = meta["config"]
-    order = hardest_first(rows)
-    order += [d for d in cfg["datasets"] if d not in order]
+    order = hardest_first(rows, cfg["datasets"])
     stem.with_suffix(".md").write_text(markdown(rows, meta, order))
     if "speed" not in cfg["tasks"]:
         return [".md"]
@@ -285,6 +284,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], order: Sequence[s
             "Their parameters (in the JSON) give the size, the schedule, what the search "
             "predicted and, for newer runs, how many images and seconds it took.\n"
         )
+    matched = matched_speed(rows)
     for d in order:
         b = meta["base"][d]
         parts += [
@@ -305,7 +305,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], order: Sequence[s
                 COLUMNS,
                 FLAGS,
             ),
-            matched_table([e for e in matched_speed(rows) if e["dataset"] == d]),
+            matched_table([e for e in matched if e["dataset"] == d]),
         ]
     return "\n".join([*parts, explain.GLOSSARY, report.footer(meta)])
 

@@ -202,8 +202,7 @@ def run(
         versus(ds_rows, "downsample")
         versus(ds_rows, "tome")
         rows += ds_rows
-    order = hardest_first(rows)
-    return {"rows": rows, "base": base, "hardest": order + [d for d in datasets if d not in order]}
+    return {"rows": rows, "base": base, "hardest": hardest_first(rows, datasets)}
 
 
 def difficulty(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -219,11 +218,12 @@ def difficulty(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {d: float(np.mean(v)) for d, v in seen.items()}
 
 
-def hardest_first(rows: Sequence[dict[str, Any]]) -> list[str]:
+def hardest_first(rows: Sequence[dict[str, Any]], datasets: Sequence[str] = ()) -> list[str]:
     """The datasets of ``rows`` by :func:`difficulty`, lowest mean cos p05 (hardest) first;
-    ties keep the rows' order."""
+    ties keep the rows' order. Any of ``datasets`` without a ranked row follows, in order."""
     p05 = difficulty(rows)
-    return sorted(p05, key=p05.__getitem__)
+    order = sorted(p05, key=p05.__getitem__)
+    return order + [d for d in datasets if d not in p05]
 
 
 def _timing_images(cfg: VisionBenchConfig) -> int:

@@ -165,6 +165,21 @@ def _find_blocks(root: nn.Module, fam: _Family) -> list[nn.Module]:
     raise UnsupportedModelError(f"{fam.name}: no list of {fam.layer} found in the model")
 
 
+def tower_layers(tower: nn.Module) -> tuple[str, BlockSpec, list[nn.Module]]:
+    """``(family, spec, encoder layers)`` of a vision tower of a known family (a VLM's
+    ``vision_tower``); unknown towers are refused with the list of known families."""
+    names = class_names(tower)
+    for fam in _FAMILIES:
+        if f"{fam.prefix}PreTrainedModel" in names:
+            blocks = _find_blocks(tower, fam)
+            check_blocks(blocks, fam.layer, fam.name)
+            return fam.name, fam.spec, blocks
+    known = ", ".join(f.name for f in _FAMILIES)
+    raise UnsupportedModelError(
+        f"{type(tower).__name__} is not a vision tower tokenmerge knows ({known})"
+    )
+
+
 class HFVision(Adapter):
     family = "hf-vision"
     description = (

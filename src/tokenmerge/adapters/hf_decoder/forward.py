@@ -51,6 +51,7 @@ class _Forward:
     evicts: bool = False  # a KV eviction is scheduled in this forward (checked)
     sel: Tensor | None = None  # [B, n] slot -> input position, once hidden states are reduced
     span_count: Tensor | None = None  # [B] span tokens at the start (decoder site)
+    span_input: Tensor | None = None  # [B, q] input tokens that may be reduced (a VLM's images)
     signals: dict[int, Signals] = field(default_factory=dict)
     schedule: dict[int, float] = field(default_factory=dict)
     tokens_per_layer: list[Tensor] = field(default_factory=list)

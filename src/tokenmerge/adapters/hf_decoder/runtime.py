@@ -283,11 +283,8 @@ class _Runtime(_KVSite):
         if run.evicts and kv.reconstructs and plan.caps is None:
             run.inputs = (ids, emb)  # the context its forwards after the prefill repeat
             run.position_ids = kwargs.get("position_ids")
-        dec = self.decoder
-        if dec is not None and fresh and not dec.is_identity:
-            run.schedule = dict(dec.schedule(self.depth))
-            pos = new_valid.long().cumsum(1) - 1
-            run.span_count = (dec.span_mask(pos, new_valid.sum(1)) & new_valid).sum(1)
+        if fresh:
+            self._schedule(run)
         if own and kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = None  # HF's own mask would index the stored entries wrongly
         outer = self._outer.get()
@@ -321,6 +318,24 @@ class _Runtime(_KVSite):
             if problem is not None:
                 raise self._error(problem)
         return output
+
+    def _schedule(self, run: _Forward) -> None:
+        """Schedule the layer-K reduction of a prefill (``run.schedule``, ``run.span_count``)."""
+        dec = self.decoder
+        if dec is not None and not dec.is_identity:
+            run.schedule = dict(dec.schedule(self.depth))
+            run.span_count = self._span(run).sum(1)
+
+    def _span(self, run: _Forward) -> Tensor:
+        """``[B, n]`` the current slots of a prefill that a decoder method may reduce: its
+        ``span``, a slice over each sample's real tokens, or the input tokens the adapter
+        marked (``run.span_input``: a VLM's image tokens)."""
+        if run.span_input is not None:
+            sel = (run.rep - run.seen).clamp(0, run.span_input.shape[1] - 1)
+            return run.span_input.gather(1, sel) & run.valid
+        pos_table = run.input_valid.long().cumsum(1) - 1
+        pos = pos_table.gather(1, run.rep.clamp(0, pos_table.shape[1] - 1))
+        return self.decoder.span_mask(pos, run.input_valid.sum(1)) & run.valid
 
     def _release(self, run: _Forward) -> None:
         """End ``run``: the cache is no longer served, the state becomes :attr:`last`."""
@@ -441,11 +456,8 @@ class _Runtime(_KVSite):
         if sig is None:
             what = f"layer {i - 1}'s attention hook never ran (no scores for layer {i})"
             raise self._fail(run, what)
-        # a fresh forward: original index = input position
-        pos_table = run.input_valid.long().cumsum(1) - 1
         lengths = run.input_valid.sum(1)
-        pos = pos_table.gather(1, run.rep.clamp(0, pos_table.shape[1] - 1))
-        in_span = method.span_mask(pos, lengths) & run.valid
+        in_span = self._span(run)
         target = torch.round(run.span_count.double() * run.schedule[i]).long()
         r = (in_span.sum(1) - target).clamp_min(0)
         r = torch.where(lengths < method.min_tokens, torch.zeros_like(r), r)

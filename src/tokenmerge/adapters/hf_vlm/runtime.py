@@ -1,0 +1,240 @@
+"""The hooks of one patched VLM: the decoder runtime, told where the images are.
+
+The VLM's own forward builds the LLM's input (text embeddings with the projected visual tokens
+scattered in, and for Qwen2-VL the 3-D M-RoPE positions) and calls its language model; the
+hf-decoder runtime's hooks sit on that language model as on any decoder LLM. This runtime adds:
+
+- a pre-hook on the VLM that records the call's ``input_ids`` (where the image placeholders
+  are), ``image_sizes`` and ``image_grid_thw``;
+- the **projector site**: before the first decoder layer of a prefill, every image's visual
+  tokens are cut out of the sequence, reduced by the projector method one image per row
+  (:class:`~tokenmerge.methods.projector.VisualTokens`), and put back in order. Every token
+  keeps its original position (that of its representative), so text after an image keeps its
+  positions, RoPE (M-RoPE included) stays exact, and ``generate`` continues after every token
+  seen;
+- the **decoder site on images**: a decoder method (FastV, AIM pruning, HoliTom's inner merge)
+  reduces the image tokens only, whatever its ``span``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...methods.projector import ProjectorMethod, VisualTokens
+from ..base import ContextSlot, UnsupportedModelError
+from ..hf_decoder.compat import Signature
+from ..hf_decoder.forward import _Forward
+from ..hf_decoder.ops import _hidden
+from ..hf_decoder.runtime import _Runtime
+from . import layout
+from .families import VLMParts
+from .saliency import Saliency
+
+
+@dataclass
+class _Call:
+    """What the current VLM call was given."""
+
+    ids: Tensor | None
+    image_sizes: Tensor | None
+    grid_thw: Tensor | None
+
+
+class _VLMRuntime(_Runtime):
+    def __init__(
+        self, model: nn.Module, inner: nn.Module, layers: Sequence[nn.Module], parts: VLMParts
+    ) -> None:
+        super().__init__(model, inner, layers)
+        self.parts = parts
+        self.vlm_sig = Signature.of(model, ("input_ids",))
+        self.saliency = Saliency(parts.base, parts.vision_tower, parts.layout)
+        self._call = ContextSlot(f"tokenmerge_vlm_call_{id(self)}")
+        self._positions = ContextSlot(f"tokenmerge_vlm_positions_{id(self)}")
+
+    @property
+    def projector(self) -> ProjectorMethod | None:
+        return self.method if isinstance(self.method, ProjectorMethod) else None
+
+    def bind(self, patch: Any) -> _VLMRuntime:
+        method = patch.method
+        if (
+            isinstance(method, ProjectorMethod)
+            and "saliency" in method.visual_needs
+            and self.saliency.error is not None
+        ):
+            raise UnsupportedModelError(
+                f"{method.name} ranks visual tokens by the vision tower's attention: "
+                f"{self.saliency.error}"
+            )
+        super().bind(patch)
+        patch.slots += [self._call, self._positions]
+        if self.saliency.error is None:
+            patch.slots.append(self.saliency.captured)
+        return self
+
+    # -------------------------------------------------------------- the VLM call
+    def outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            kwargs, args = self.vlm_sig.bind(args, kwargs), ()
+        self._call.set(
+            _Call(kwargs.get("input_ids"), kwargs.get("image_sizes"), kwargs.get("image_grid_thw"))
+        )
+        return super().outer_pre(module, args, kwargs)
+
+    def outer_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        self._call.set(None)
+        if self.saliency.error is None:
+            self.saliency.captured.set(None)
+        return super().outer_post(module, args, kwargs, output)
+
+    def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, kwargs = super().model_pre(module, args, kwargs)
+        self._positions.set(kwargs.get("position_ids"))  # Qwen2-VL: the image grid's (t, h, w)
+        return args, kwargs
+
+    def _schedule(self, run: _Forward) -> None:
+        call = self._call.get()
+        ids = None if call is None else call.ids
+        if ids is not None and ids.shape[1] == run.input_valid.shape[1]:
+            run.span_input = (ids == self.parts.image_token_id) & run.input_valid
+        proj = self.projector
+        if proj is None:
+            super()._schedule(run)
+        elif not proj.is_identity and run.span_input is not None and bool(run.span_input.any()):
+            run.schedule = {0: 1.0 - proj.ratio}
+        elif not proj.is_identity and call is not None and ids is None:
+            raise ValueError(
+                f"{proj.name} needs input_ids to find the image tokens (this call passed "
+                "inputs_embeds only)"
+            )
+
+    # -------------------------------------------------------------- the projector site
+    def _reduce_hidden(self, i: int, run: _Forward, args: tuple, kwargs: dict) -> tuple:
+        if self.projector is None:
+            return super()._reduce_hidden(i, run, args, kwargs)
+        run.done.add(i)
+        x = _hidden(args, kwargs)
+        units = self._units(run, x)
+        y, rep, valid = self._reduce_units(run, x, units)
+        run.rep, run.valid, run.padded = rep, valid, True
+        if run.cache is not None:
+            run.cache.note_valid(valid)
+        run.sel = (rep - run.seen).clamp_min(0)
+        run.pe_cache.clear()
+        if args:
+            args = (y, *args[1:])
+        else:
+            kwargs["hidden_states"] = y
+        return args, kwargs
+
+    def _units(self, run: _Forward, x: Tensor) -> layout.Units:
+        parts, base = self.parts, self.parts.base
+        spans = layout.runs(run.span_input)
+        cfg = base.config
+        if parts.layout == "mrope":
+            pos = self._positions.get()
+            if pos is None or pos.dim() != 3:
+                raise self._error("the language model was not given 3-D M-RoPE position ids")
+            images = layout.mrope_images(spans, pos)
+        else:
+            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+            cls = parts.cls_token and cfg.vision_feature_select_strategy == "full"
+            if parts.layout == "grid":
+                images = layout.grid_images(spans, side, cls)
+            else:
+                newline = (x == base.image_newline.to(x.dtype)).all(-1)
+                images = layout.anyres_images(spans, newline, side, cls)
+        return layout.pack(images, x.device)
+
+    def _visual(self, run: _Forward, x: Tensor, units: layout.Units) -> VisualTokens:
+        method = self.projector
+        v = VisualTokens(
+            x=x[units.sample[:, None], units.index],
+            valid=units.valid,
+            protected=units.protected,
+            coord=units.coord,
+            part=units.part,
+            grid=units.grid,
+        )
+        if "saliency" in method.visual_needs:
+            v.saliency = self._saliency(units)
+        if "text" in method.visual_needs:
+            # the text after each image in its sample (its question), images excluded
+            last = units.index.masked_fill(~units.valid, -1).amax(1)
+            pos = torch.arange(x.shape[1], device=x.device)
+            s = units.sample
+            text = run.valid[s] & ~run.span_input[s] & (pos[None] > last[:, None])
+            t = max(int(text.sum(1).max()), 1)
+            order = (~text).long().argsort(1, stable=True)[:, :t]
+            v.text = x[s[:, None], order]
+            v.text_valid = text.gather(1, order)
+        return v
+
+    def _saliency(self, units: layout.Units) -> Tensor:
+        sal = self.saliency.take()
+        if sal is None:
+            raise self._error("the vision tower's feature-layer attention was not captured")
+        call = self._call.get()
+        maps = self.saliency.per_image(sal, None if call is None else call.image_sizes)
+        if len(maps) != len(units):
+            raise self._error(f"{len(maps)} saliency maps for {len(units)} images")
+        out = torch.zeros(units.valid.shape, dtype=sal.dtype, device=sal.device)
+        for j, m in enumerate(maps):
+            out[j, : m.shape[0]] = m
+        return out
+
+    def _reduce_units(
+        self, run: _Forward, x: Tensor, units: layout.Units
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Reduce every image and splice the results back: ``(hidden, rep, valid)``."""
+        method = self.projector
+        v = self._visual(run, x, units)
+        cand = v.candidates
+        keep = method.keep_count(cand.sum(1))
+        red = method.select(v, keep)
+        out, size = red.apply(v.x, v.valid.to(x.dtype))
+        ok = size > 0
+        pos = units.index.gather(1, red.rep)
+        got = ok.sum(1)
+        want = keep + v.protected.sum(1)
+        if method.exact_counts:
+            bad = got != want
+            msg = "images kept {} tokens, scheduled {}"
+        else:  # a pooling grid sets the count: it must still reduce
+            want = v.valid.sum(1)
+            bad = (got >= want) & (keep < cand.sum(1))
+            msg = "images kept {} tokens of {}: nothing was reduced"
+        run.checks.append((~bad.any(), lambda: msg.format(got.tolist(), want.tolist())))
+        # every kept token as (sample, original position): text first, then the images' outputs
+        b, n, c = x.shape
+        text = run.valid & ~run.span_input
+        ar = torch.arange(n, device=x.device)
+        all_x = torch.cat([x.reshape(b * n, c), out.reshape(-1, c)])
+        all_s = torch.cat(
+            [
+                torch.arange(b, device=x.device).repeat_interleave(n),
+                units.sample.repeat_interleave(pos.shape[1]),
+            ]
+        )
+        all_p = torch.cat([ar.repeat(b), pos.reshape(-1)])
+        all_ok = torch.cat([text.reshape(-1), ok.reshape(-1)])
+        keys = (all_s * (n + 1) + all_p).masked_fill(~all_ok, b * (n + 1))
+        order = keys.argsort(stable=True)[: int(all_ok.sum())]
+        s, p = all_s[order], all_p[order]
+        count = torch.bincount(s, minlength=b)
+        length = int(count.max())
+        first = torch.cumsum(count, 0) - count
+        rank = torch.arange(order.shape[0], device=x.device) - first[s]
+        slot = length - count[s] + rank  # right-aligned: padding on the left, as tokenizers do
+        y = x.new_zeros(b, length, c)
+        y[s, slot] = all_x[order]
+        rep = torch.zeros(b, length, dtype=torch.long, device=x.device)
+        rep[s, slot] = p + run.seen
+        valid = torch.zeros(b, length, dtype=torch.bool, device=x.device)
+        valid[s, slot] = True
+        return y, rep, valid

@@ -1,0 +1,175 @@
+"""Tiny random vision-language models of every class the hf-vlm adapter supports, with
+batched inputs that mix image sizes (so images have different token counts).
+
+``make(name)`` returns ``(model, inputs)``; ``inputs`` holds ``input_ids``,
+``attention_mask`` (left padding) and the class's pixel arguments, usable for a forward and
+for ``generate``. ``inputs_for(name, model, which)`` builds the inputs of a sub-batch
+(``which``: sample indices), exactly as the same samples are built in the full batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+VLM_NAMES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
+IMG = 32  # vision tower input side (patch 8 -> 4x4 = 16 tokens per tile)
+IMAGE, VSTART, VEND, PAD = 99, 97, 98, 0
+_TEXT = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=100,
+)
+_CLIP = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=IMG,
+    patch_size=8,
+)
+#: per sample: (prompt before the image, image size (h, w), prompt after the image)
+_SAMPLES = [
+    ([1, 5], (32, 32), [7, 8, 9]),
+    ([1], (64, 32), [7, 9]),
+    ([1, 6, 6], (32, 64), [8]),
+]
+
+
+def _quiet(cls, cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _build(name: str):
+    import transformers as t
+
+    if name == "llava":
+        cfg = t.LlavaConfig(
+            vision_config=t.CLIPVisionConfig(**_CLIP),
+            text_config=t.LlamaConfig(**_TEXT),
+            image_token_id=IMAGE,
+            vision_feature_layer=-2,
+        )
+        return _quiet(t.LlavaForConditionalGeneration, cfg)
+    if name in ("llava-next", "llava-onevision"):
+        pins = [[32, 32], [32, 64], [64, 32], [64, 64]]
+        if name == "llava-next":
+            vis = t.CLIPVisionConfig(**_CLIP)
+            cfg = t.LlavaNextConfig(
+                vision_config=vis,
+                text_config=t.LlamaConfig(**_TEXT),
+                image_token_id=IMAGE,
+                vision_feature_layer=-1,
+                image_grid_pinpoints=pins,
+            )
+            return _quiet(t.LlavaNextForConditionalGeneration, cfg)
+        vis = t.SiglipVisionConfig(**_CLIP)
+        cfg = t.LlavaOnevisionConfig(
+            vision_config=vis,
+            text_config=t.Qwen2Config(**_TEXT),
+            image_token_id=IMAGE,
+            vision_feature_layer=-1,
+            image_grid_pinpoints=pins,
+        )
+        return _quiet(t.LlavaOnevisionForConditionalGeneration, cfg)
+    prefix = {"qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2_5_VL"}[name]
+    vis = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=32,
+        num_heads=4,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_chans=3,
+        in_channels=3,
+        mlp_ratio=2,
+        intermediate_size=64,
+        out_hidden_size=32,
+        fullatt_block_indexes=[1],
+        window_size=16,
+    )
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+    cfg = getattr(t, f"{prefix}Config")(
+        vision_config=vis,
+        text_config=dict(_TEXT, rope_parameters=rope),
+        image_token_id=IMAGE,
+        video_token_id=96,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+    )
+    return _quiet(getattr(t, f"{prefix}ForConditionalGeneration"), cfg)
+
+
+def _pixels(name: str, model, which: list[int], seed: int) -> tuple[dict, list[int]]:
+    """Pixel arguments for the samples ``which`` and each image's token count."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(len(_SAMPLES)):  # drawn for every sample, so sub-batches get the same pixels
+        h, w = _SAMPLES[i][1]
+        images.append(torch.randn(3, h, w, generator=g))
+    chosen = [images[i] for i in which]
+    sizes = [tuple(_SAMPLES[i][1]) for i in which]
+    if name == "llava":
+        px = torch.stack([im[:, :IMG, :IMG] for im in chosen])
+        return {"pixel_values": px}, [16] * len(which)
+    if name in ("llava-next", "llava-onevision"):
+        # tiles: the base image (resized) first, then the crops of the best pinpoint
+        tiles = []
+        for im in chosen:
+            base = torch.nn.functional.interpolate(im[None], size=(IMG, IMG), mode="bilinear")
+            crops = [
+                im[:, r : r + IMG, c : c + IMG]
+                for r in range(0, im.shape[1], IMG)
+                for c in range(0, im.shape[2], IMG)
+            ]
+            tiles.append(torch.cat([base, torch.stack(crops)]))
+        most = max(t.shape[0] for t in tiles)
+        px = torch.stack(
+            [torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])]) for t in tiles]
+        )
+        image_sizes = torch.tensor(sizes)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=px, image_sizes=image_sizes)
+        counts = [int(f.shape[0]) for f in feats.pooler_output]
+        return {"pixel_values": px, "image_sizes": image_sizes}, counts
+    # Qwen2-VL: flattened patches (temporal 2 x 3 channels x 4 x 4) of an h/4 x w/4 grid
+    thw = torch.tensor([[1, h // 4, w // 4] for h, w in sizes])
+    # patches of sample i must not depend on the batch: drawn per sample
+    parts = []
+    for i, (h, w) in zip(which, sizes, strict=True):
+        gi = torch.Generator().manual_seed(seed + 10 + i)
+        parts.append(torch.randn((h // 4) * (w // 4), 3 * 2 * 4 * 4, generator=gi))
+    px = torch.cat(parts)
+    counts = [int(t_ * h_ * w_) // 4 for t_, h_, w_ in thw.tolist()]
+    return {"pixel_values": px, "image_grid_thw": thw}, counts
+
+
+def inputs_for(name: str, model, which: list[int], seed: int = 0) -> dict:
+    """Inputs of the samples ``which`` (left-padded to the longest)."""
+    pixels, counts = _pixels(name, model, which, seed)
+    qwen = name.startswith("qwen")
+    seqs = []
+    for i, n in zip(which, counts, strict=True):
+        before, _, after = _SAMPLES[i]
+        img = [VSTART, *[IMAGE] * n, VEND] if qwen else [IMAGE] * n
+        seqs.append(before + img + after)
+    length = max(len(s) for s in seqs)
+    ids = torch.tensor([[PAD] * (length - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in seqs])
+    out = {"input_ids": ids, "attention_mask": mask, **pixels}
+    if qwen:
+        out["mm_token_type_ids"] = (ids == IMAGE).long()
+    return out
+
+
+def make(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = _build(name)
+    return model, inputs_for(name, model, list(range(len(_SAMPLES))))

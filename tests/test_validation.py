@@ -40,6 +40,7 @@ from tokenmerge.methods.decoder import DecoderMethod
 from tokenmerge.methods.dtome import DToMe
 from tokenmerge.methods.kv import KVMethod
 from tokenmerge.methods.m3 import M3, PoolAt
+from tokenmerge.methods.projector import ProjectorMethod
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -564,7 +565,7 @@ def test_negative_ints_refused_where_counts(cls, field, hint):
 
 @pytest.mark.parametrize("cls", [c for c in REGISTRY.values()], ids=lambda c: c.name)
 def test_method_r_accepts_integral_types_and_refuses_the_rest(cls):
-    if issubclass(cls, (KVMethod, DecoderMethod)):
+    if issubclass(cls, (KVMethod, DecoderMethod, ProjectorMethod)):
         assert cls(r=np.int64(0)) == cls() and type(cls(r=np.int64(0)).r) is int
         with pytest.raises(ValueError, match="ratio="):
             cls(r=np.int64(8))

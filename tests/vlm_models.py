@@ -124,6 +124,9 @@ def _pixels(name: str, model, which: list[int], seed: int) -> tuple[dict, list[i
         tiles = []
         for im in chosen:
             base = torch.nn.functional.interpolate(im[None], size=(IMG, IMG), mode="bilinear")
+            # a 32-px image's base would equal its one tile: exact duplicate tokens make the
+            # similarity methods' ties flip on float noise; real bases are resized photos
+            base = base.flip(-1)
             crops = [
                 im[:, r : r + IMG, c : c + IMG]
                 for r in range(0, im.shape[1], IMG)

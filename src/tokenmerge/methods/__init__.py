@@ -28,6 +28,17 @@ from .kv import (
 )
 from .m3 import M3
 from .pitome import PiToMe
+from .projector import (
+    DART,
+    AIMMerge,
+    DivPrune,
+    DownsampleProj,
+    M3Proj,
+    ProjectorMethod,
+    RandomProj,
+    RecoverableCompression,
+    VisionZipProj,
+)
 from .pruning import EViT, RandomPrune
 from .tofu import ToFu
 from .token_transforming import TokenTransforming
@@ -40,14 +51,18 @@ for _m in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "ATC",
+    "DART",
     "GTP",
     "H2O",
     "M3",
     "REGISTRY",
     "TOVA",
+    "AIMMerge",
     "AIMPrune",
     "AdaKV",
     "DToMe",
+    "DivPrune",
+    "DownsampleProj",
     "EViT",
     "ExpectedAttention",
     "FastV",
@@ -55,16 +70,21 @@ __all__ = [
     "KNorm",
     "KVzip",
     "KeyDiff",
+    "M3Proj",
     "Method",
     "PiToMe",
+    "ProjectorMethod",
     "RandomKV",
+    "RandomProj",
     "RandomPrune",
+    "RecoverableCompression",
     "SnapKV",
     "StreamingLLM",
     "ToFu",
     "ToMe",
     "TokenTransforming",
     "VisionZip",
+    "VisionZipProj",
     "get_method",
     "register",
 ]

@@ -34,6 +34,12 @@ class VLMAdapter(Adapter):
             lambda m, inner, layers: _VLMRuntime(m, inner, layers, parts),
         )
         target.post_hooks += rt.saliency.hooks()
+        if parts.layout == "anyres" and rt.saliency.error is None:
+            original = parts.base.get_image_features
+            wrap = rt.saliency.wrap_image_features
+            target.extra_patches.append(
+                (parts.base, "get_image_features", lambda p: wrap(original))
+            )
         return target
 
 

@@ -5,7 +5,8 @@ scattered in, and for Qwen2-VL the 3-D M-RoPE positions) and calls its language 
 hf-decoder runtime's hooks sit on that language model as on any decoder LLM. This runtime adds:
 
 - a pre-hook on the VLM that records the call's ``input_ids`` (where the image placeholders
-  are), ``image_sizes`` and ``image_grid_thw``;
+  are), and one on its language model that records the position ids (Qwen2-VL's M-RoPE
+  ``(t, h, w)`` give each image's grid);
 - the **projector site**: before the first decoder layer of a prefill, every image's visual
   tokens are cut out of the sequence, reduced by the projector method one image per row
   (:class:`~tokenmerge.methods.projector.VisualTokens`), and put back in order. Every token
@@ -41,8 +42,6 @@ class _Call:
     """What the current VLM call was given."""
 
     ids: Tensor | None
-    image_sizes: Tensor | None
-    grid_thw: Tensor | None
 
 
 class _VLMRuntime(_Runtime):
@@ -74,16 +73,14 @@ class _VLMRuntime(_Runtime):
         super().bind(patch)
         patch.slots += [self._call, self._positions]
         if self.saliency.error is None:
-            patch.slots.append(self.saliency.captured)
+            patch.slots += [self.saliency.captured, self.saliency.sizes]
         return self
 
     # -------------------------------------------------------------- the VLM call
     def outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             kwargs, args = self.vlm_sig.bind(args, kwargs), ()
-        self._call.set(
-            _Call(kwargs.get("input_ids"), kwargs.get("image_sizes"), kwargs.get("image_grid_thw"))
-        )
+        self._call.set(_Call(kwargs.get("input_ids")))
         return super().outer_pre(module, args, kwargs)
 
     def outer_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -170,7 +167,7 @@ class _VLMRuntime(_Runtime):
             s = units.sample
             text = run.valid[s] & ~run.span_input[s] & (pos[None] > last[:, None])
             t = max(int(text.sum(1).max()), 1)
-            order = (~text).long().argsort(1, stable=True)[:, :t]
+            order = torch.argsort((~text).long(), dim=1, stable=True)[:, :t]
             v.text = x[s[:, None], order]
             v.text_valid = text.gather(1, order)
         return v
@@ -179,8 +176,7 @@ class _VLMRuntime(_Runtime):
         sal = self.saliency.take()
         if sal is None:
             raise self._error("the vision tower's feature-layer attention was not captured")
-        call = self._call.get()
-        maps = self.saliency.per_image(sal, None if call is None else call.image_sizes)
+        maps = self.saliency.per_image(sal)
         if len(maps) != len(units):
             raise self._error(f"{len(maps)} saliency maps for {len(units)} images")
         out = torch.zeros(units.valid.shape, dtype=sal.dtype, device=sal.device)

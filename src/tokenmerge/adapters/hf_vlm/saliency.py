@@ -11,6 +11,7 @@ The per-tile maps are then arranged like the visual tokens themselves, by the mo
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from typing import Any
@@ -48,6 +49,20 @@ class Saliency:
         self.has_cls = family != "hf-siglip-vision"
         self.drop_cls = self.has_cls and cfg.vision_feature_select_strategy == "default"
         self.captured = ContextSlot(f"tokenmerge_saliency_{id(self)}")
+        # LLaVA-NeXT's image sizes, from its get_image_features call: generate encodes the
+        # images before the first forward and passes only the features to it
+        self.sizes = ContextSlot(f"tokenmerge_image_sizes_{id(self)}")
+
+    def wrap_image_features(self, original: Any) -> Any:
+        """``get_image_features`` that records its ``image_sizes`` (LLaVA-NeXT/OneVision)."""
+        sig = inspect.signature(original)
+
+        @functools.wraps(original)  # generate reads its signature to route the pixel arguments
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            self.sizes.set(sig.bind(*args, **kwargs).arguments.get("image_sizes"))
+            return original(*args, **kwargs)
+
+        return get_image_features
 
     def hooks(self) -> list[tuple[nn.Module, Any]]:
         """``(module, factory)`` forward hooks capturing the feature layer's queries/keys."""
@@ -85,10 +100,14 @@ class Saliency:
             sal = torch.softmax((q @ k.transpose(-2, -1)) * scale, -1).mean(2).mean(1)
         return sal[:, 1:] if self.drop_cls else sal
 
-    def per_image(self, sal: Tensor, image_sizes: Tensor | None) -> list[Tensor]:
+    def per_image(self, sal: Tensor) -> list[Tensor]:
         """The tile maps arranged like each image's visual tokens: ``[tokens]`` per image."""
         if self.layout == "grid":
             return list(sal)
+        image_sizes = self.sizes.get()
+        self.sizes.set(None)
+        if image_sizes is None:
+            raise RuntimeError("get_image_features ran without image_sizes")
         mod = sys.modules[type(self.base).__module__]
         cfg = self.base.config
         counts = [

@@ -166,7 +166,7 @@ class ProjectorMethod(Method):
 # ----------------------------------------------------------------------------- shared helpers
 def keep_targets(keep: Tensor, valid: Tensor) -> Tensor:
     """``from_targets`` targets of a pruning: kept tokens are their own outputs, the rest and
-    padding are dropped (``-1``)."""
+    padding are dropped (``-1``). ``keep`` must include the protected tokens."""
     ar = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
     return torch.where(keep & valid, ar, -1)
 

@@ -1,0 +1,174 @@
+"""The hf-vlm adapter on tiny random LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and
+Qwen2.5-VL: every projector method and the decoder methods on image tokens.
+
+What is checked, per model and method: bit-identity at budget 0 (forward and ``generate``),
+token counts as scheduled, batch independence with images of different sizes (a sample alone
+gives what it gives in the batch), ``generate`` on the reduced cache, and, against a reference
+that runs the *unpatched* language model on the kept tokens at their original positions, that
+the projector site computes exactly that.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_models import IMAGE, VLM_NAMES, inputs_for, make
+
+import tokenmerge as tm
+from tokenmerge.adapters.base import UnsupportedModelError
+from tokenmerge.adapters.hf_decoder import runtime_of
+from tokenmerge.methods.base import REGISTRY
+from tokenmerge.methods.decoder import DECODER_METHODS
+
+PROJECTOR = sorted(n for n, c in REGISTRY.items() if c.site == "projector")
+SALIENCY = {n for n in PROJECTOR if "saliency" in REGISTRY[n].visual_needs}
+
+
+@pytest.fixture(scope="module", params=VLM_NAMES)
+def vlm(request):
+    model, inputs = make(request.param)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    return request.param, model, inputs, ref, gen
+
+
+def _method(name: str, ratio: float):
+    cls = REGISTRY[name]
+    if cls.site == "decoder":
+        return (
+            cls(ratio=ratio, layer=1) if name != "aim_prune" else cls(ratio=ratio, start=1, end=2)
+        )
+    return cls(ratio=ratio)
+
+
+def _supported(name: str, method: str) -> bool:
+    return not (name.startswith("qwen") and method in SALIENCY)
+
+
+@pytest.mark.parametrize("method", PROJECTOR + list(DECODER_METHODS))
+def test_identity_at_zero_budget(vlm, method):
+    name, model, inputs, ref, gen = vlm
+    if not _supported(name, method):
+        pytest.skip("saliency methods are refused on Qwen2-VL (tested below)")
+    with tm.patched(model, _method(method, 0.0)):
+        with torch.no_grad():
+            out = model(**inputs).logits
+        again = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+    assert torch.equal(again, gen)
+
+
+@pytest.mark.parametrize("method", PROJECTOR + list(DECODER_METHODS))
+def test_reduces_batch_independent_and_generates(vlm, method):
+    name, model, inputs, _ref, _ = vlm
+    if not _supported(name, method):
+        pytest.skip("saliency methods are refused on Qwen2-VL (tested below)")
+    ids = inputs["input_ids"]
+    images = (ids == IMAGE).sum(1)
+    with tm.patched(model, _method(method, 0.5)):
+        with torch.no_grad():
+            out = model(**inputs).logits
+        run = runtime_of(model).last
+        kept = run.valid.sum(1)
+        # text tokens are all kept, at their original positions; the images shrink
+        text = (inputs["attention_mask"].bool() & (ids != IMAGE)).sum(1)
+        assert (kept < text + images).all()
+        assert (kept > text).all()
+        reps = [set(r[v].tolist()) for r, v in zip(run.rep, run.valid, strict=True)]
+        for b in range(ids.shape[0]):
+            real = inputs["attention_mask"][b].bool()
+            want = set(((ids[b] != IMAGE) & real).nonzero().flatten().tolist())
+            assert want <= reps[b]
+        if REGISTRY[method].exact_counts and REGISTRY[method].site == "projector":
+            # half of every image's tokens (LLaVA-NeXT's newline tokens are kept on top)
+            assert (kept - text <= images - images // 2 + 8).all()
+        # a sample alone gives what it gives in the batch (images of other sizes around it)
+        for b in range(ids.shape[0]):
+            with torch.no_grad():
+                alone = model(**inputs_for(name, model, [b])).logits
+            torch.testing.assert_close(alone[0, -1], out[b, -1], atol=1e-5, rtol=1e-5)
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert gen.shape == (ids.shape[0], ids.shape[1] + 3)
+    assert out.shape[:2] == (ids.shape[0], int(kept.max()))
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+def test_projector_equals_unpatched_llm_on_kept_tokens(name):
+    """Reference: prune with random_proj, then run the unpatched language model on the kept
+    embeddings at their original (for Qwen2-VL, 3-D M-RoPE) positions."""
+    model, inputs = make(name)
+    inputs = inputs_for(name, model, [0])  # one sample: no padding in the reference
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["emb"] = kwargs["inputs_embeds"]
+        captured["pos"] = kwargs.get("position_ids")
+
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with tm.patched(model, tm.get_method("random_proj", ratio=0.5)):
+            with torch.no_grad():
+                out = model(**inputs).logits
+            rep = runtime_of(model).last.rep[0]
+    finally:
+        handle.remove()
+    emb = captured["emb"][:, rep]
+    pos = rep[None] if name == "llava" else captured["pos"][..., rep]
+    with torch.no_grad():
+        h = lm(inputs_embeds=emb, position_ids=pos).last_hidden_state
+        want = model.lm_head(h)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("method", sorted(SALIENCY))
+def test_saliency_methods_refused_on_qwen(name, method):
+    model, _ = make(name)
+    with pytest.raises(UnsupportedModelError, match="vision tower's attention"):
+        tm.apply(model, tm.get_method(method, ratio=0.5))
+    assert not hasattr(model, "_tokenmerge_patch") or model._tokenmerge_patch is None
+
+
+def test_kv_method_on_vlm():
+    model, inputs = make("llava")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    with tm.patched(model, tm.get_method("snapkv", ratio=0.0)), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    with tm.patched(model, tm.get_method("snapkv", ratio=0.5)):
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        cache = runtime_of(model).last.cache
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert cache.stored(0) < inputs["input_ids"].shape[1]
+
+
+def test_unknown_vlm_refused_by_name():
+    model, _ = make("llava")
+
+    class MyLlava(type(model)):
+        pass
+
+    model.__class__ = MyLlava
+    with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        tm.apply(model, tm.get_method("random_proj", ratio=0.5))
+
+
+def test_projector_method_refused_on_text_llm():
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="projector"):
+        tm.apply(model, tm.get_method("random_proj", ratio=0.5))
+
+
+def test_budget_is_a_ratio():
+    with pytest.raises(ValueError, match="ratio="):
+        tm.get_method("random_proj", r=4)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        tm.get_method("random_proj", ratio=1.0)

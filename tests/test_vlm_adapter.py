@@ -22,6 +22,8 @@ from tokenmerge.methods.decoder import DECODER_METHODS
 
 PROJECTOR = sorted(n for n, c in REGISTRY.items() if c.site == "projector")
 SALIENCY = {n for n in PROJECTOR if "saliency" in REGISTRY[n].visual_needs}
+#: DyMU's virtual unmerging on the merging methods (pruning ones are refused, tested below)
+VTU = ["aim_merge+vtu", "m3_proj+vtu", "downsample_proj+vtu"]
 
 
 @pytest.fixture(scope="module", params=VLM_NAMES)
@@ -34,6 +36,8 @@ def vlm(request):
 
 
 def _method(name: str, ratio: float):
+    if name.endswith("+vtu"):
+        return REGISTRY[name[: -len("+vtu")]](ratio=ratio, vtu=True)
     cls = REGISTRY[name]
     if cls.site == "decoder":
         return (
@@ -43,10 +47,10 @@ def _method(name: str, ratio: float):
 
 
 def _supported(name: str, method: str) -> bool:
-    return not (name.startswith("qwen") and method in SALIENCY)
+    return not (name.startswith("qwen") and method.removesuffix("+vtu") in SALIENCY)
 
 
-@pytest.mark.parametrize("method", PROJECTOR + list(DECODER_METHODS))
+@pytest.mark.parametrize("method", PROJECTOR + VTU + list(DECODER_METHODS))
 def test_identity_at_zero_budget(vlm, method):
     name, model, inputs, ref, gen = vlm
     if not _supported(name, method):
@@ -59,7 +63,7 @@ def test_identity_at_zero_budget(vlm, method):
     assert torch.equal(again, gen)
 
 
-@pytest.mark.parametrize("method", PROJECTOR + list(DECODER_METHODS))
+@pytest.mark.parametrize("method", PROJECTOR + VTU + list(DECODER_METHODS))
 def test_reduces_batch_independent_and_generates(vlm, method):
     name, model, inputs, _ref, _ = vlm
     if not _supported(name, method):
@@ -80,7 +84,7 @@ def test_reduces_batch_independent_and_generates(vlm, method):
             real = inputs["attention_mask"][b].bool()
             want = set(((ids[b] != IMAGE) & real).nonzero().flatten().tolist())
             assert want <= reps[b]
-        if REGISTRY[method].exact_counts and REGISTRY[method].site == "projector":
+        if REGISTRY[method.removesuffix("+vtu")].exact_counts and "+vtu" not in method:
             # half of every image's tokens (LLaVA-NeXT's newline tokens are kept on top)
             assert (kept - text <= images - images // 2 + 8).all()
         # a sample alone gives what it gives in the batch (images of other sizes around it)
@@ -91,6 +95,8 @@ def test_reduces_batch_independent_and_generates(vlm, method):
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert gen.shape == (ids.shape[0], ids.shape[1] + 3)
     assert out.shape[:2] == (ids.shape[0], int(kept.max()))
+    if method.endswith("+vtu"):  # the cache holds every position: decoding is unchanged
+        assert run.virtual is not None and run.cache.stored(0) == ids.shape[1]
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
@@ -172,3 +178,50 @@ def test_budget_is_a_ratio():
         tm.get_method("random_proj", r=4)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         tm.get_method("random_proj", ratio=1.0)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+def test_vtu_equals_layer_by_layer_reference(name):
+    """DyMU's VTU from its definition: each layer's attention runs on the merged stream
+    expanded to every original position (with that position's RoPE phase and the full causal
+    mask), its output is averaged back over each merged token's copies, and the MLP runs on
+    the merged stream. Written with the unpatched modules, layer by layer."""
+    model, _ = make(name)
+    inputs = inputs_for(name, model, [1])
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(module, args, kwargs):  # registered after the patch: sees the merged stream
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        seen["pe"] = kwargs["position_embeddings"]
+        seen["mask"] = kwargs.get("attention_mask")
+
+    with tm.patched(model, tm.get_method("aim_merge", ratio=0.5, vtu=True)):
+        handle = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                out = model(**inputs).logits
+        finally:
+            handle.remove()
+        virtual = runtime_of(model).last.virtual[0]
+    h = seen["h"]
+    n = h.shape[1]
+    assert virtual.shape[0] == inputs["input_ids"].shape[1] > n
+    with torch.no_grad():
+        for layer in lm.layers:
+            a = layer.input_layernorm(h)[:, virtual]
+            o = layer.self_attn(
+                hidden_states=a, position_embeddings=seen["pe"], attention_mask=seen["mask"]
+            )[0]
+            merged = torch.stack([o[0, virtual == s].mean(0) for s in range(n)])[None]
+            h = h + merged
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        want = model.lm_head(lm.norm(h))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_vtu_refuses_pruning_methods():
+    model, inputs = make("llava")
+    method = tm.get_method("dart", ratio=0.5, vtu=True)
+    with tm.patched(model, method), pytest.raises(ValueError, match="vtu=True dropped"):
+        model(**inputs)

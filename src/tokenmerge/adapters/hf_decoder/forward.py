@@ -52,6 +52,9 @@ class _Forward:
     sel: Tensor | None = None  # [B, n] slot -> input position, once hidden states are reduced
     span_count: Tensor | None = None  # [B] span tokens at the start (decoder site)
     span_input: Tensor | None = None  # [B, q] input tokens that may be reduced (a VLM's images)
+    # DyMU's virtual unmerging: [B, q] slot of the reduced stream each input position belongs
+    # to (padding -> a spare slot past the end); attention runs on the q positions
+    virtual: Tensor | None = None
     signals: dict[int, Signals] = field(default_factory=dict)
     schedule: dict[int, float] = field(default_factory=dict)
     tokens_per_layer: list[Tensor] = field(default_factory=list)

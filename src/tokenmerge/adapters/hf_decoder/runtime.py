@@ -103,6 +103,11 @@ class _Runtime(_KVSite):
         """State of the latest forward in this context (for inspection and tests)."""
         return self._last.get()
 
+    def _shortens(self) -> bool:
+        """The method shortens the hidden sequence (so the loss is computed here)."""
+        dec = self.decoder
+        return dec is not None and not dec.is_identity
+
     def _may_reduce(self) -> bool:
         m = self.method
         return m is not None and not getattr(m, "is_identity", True)
@@ -114,8 +119,7 @@ class _Runtime(_KVSite):
     # -------------------------------------------------------------- causal-LM hooks
     def outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         outer = _Outer()
-        dec = self.decoder
-        if dec is not None and not dec.is_identity:
+        if self._shortens():
             if args:
                 kwargs, args = self.outer_sig.bind(args, kwargs), ()
             if kwargs.get("labels") is not None:
@@ -170,7 +174,7 @@ class _Runtime(_KVSite):
             shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
         shift = shift.to(logits.device)
         run = outer.run
-        if run is not None and run.hidden_reduced:
+        if run is not None and (run.hidden_reduced or run.virtual is not None):
             slot = (run.rep - run.seen).clamp(0, shift.shape[1] - 1)
             shift = shift.gather(1, slot).masked_fill(~run.valid, -100)
         # else nothing was reduced: exactly the model's own shift

@@ -34,6 +34,9 @@ class VLMAdapter(Adapter):
             lambda m, inner, layers: _VLMRuntime(m, inner, layers, parts),
         )
         target.post_hooks += rt.saliency.hooks()
+        # DyMU's virtual unmerging (inactive unless a projector method asks for it)
+        target.pre_hooks += [(a, lambda p: rt.attn_expand) for a in rt.attns]
+        target.post_hooks += [(a, lambda p: rt.attn_merge) for a in rt.attns]
         if parts.layout == "anyres" and rt.saliency.error is None:
             original = parts.base.get_image_features
             wrap = rt.saliency.wrap_image_features

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...core.reduction import Reduction
 from ...methods.projector import ProjectorMethod, VisualTokens
 from ..base import ContextSlot, UnsupportedModelError
 from ..hf_decoder.compat import Signature
 from ..hf_decoder.forward import _Forward
-from ..hf_decoder.ops import _hidden
+from ..hf_decoder.ops import _gather_seq, _hidden
 from ..hf_decoder.runtime import _Runtime
 from . import layout
 from .families import VLMParts
@@ -54,6 +55,10 @@ class _VLMRuntime(_Runtime):
         self.saliency = Saliency(parts.base, parts.vision_tower, parts.layout)
         self._call = ContextSlot(f"tokenmerge_vlm_call_{id(self)}")
         self._positions = ContextSlot(f"tokenmerge_vlm_positions_{id(self)}")
+
+    def _shortens(self) -> bool:
+        proj = self.projector
+        return super()._shortens() or (proj is not None and not proj.is_identity)
 
     @property
     def projector(self) -> ProjectorMethod | None:
@@ -110,6 +115,33 @@ class _VLMRuntime(_Runtime):
                 "inputs_embeds only)"
             )
 
+    # -------------------------------------------------------------- VTU's attention
+    def attn_expand(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """VTU: the attention sees every original position, each with its merged token."""
+        run = self._fwd.get()
+        if run is None or run.virtual is None:
+            return args, kwargs
+        h = _hidden(args, kwargs)
+        full = _gather_seq(h, run.virtual.clamp_max(h.shape[1] - 1))
+        if args:
+            return (full, *args[1:]), kwargs
+        kwargs["hidden_states"] = full
+        return args, kwargs
+
+    def attn_merge(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """VTU: the attention output re-merged, ``o_s = mean_{j: m(j)=s} O_j``."""
+        run = self._fwd.get()
+        if run is None or run.virtual is None:
+            return output
+        o = output[0]
+        b, _, c = o.shape
+        n = run.rep.shape[1]
+        idx = run.virtual[..., None].expand(-1, -1, c)
+        total = o.new_zeros(b, n + 1, c).scatter_add_(1, idx, o)
+        count = o.new_zeros(b, n + 1).scatter_add_(1, run.virtual, o.new_ones(run.virtual.shape))
+        merged = (total / count.clamp_min(1)[..., None])[:, :n]
+        return (merged, *output[1:])
+
     # -------------------------------------------------------------- the projector site
     def _reduce_hidden(self, i: int, run: _Forward, args: tuple, kwargs: dict) -> tuple:
         if self.projector is None:
@@ -117,12 +149,15 @@ class _VLMRuntime(_Runtime):
         run.done.add(i)
         x = _hidden(args, kwargs)
         units = self._units(run, x)
-        y, rep, valid = self._reduce_units(run, x, units)
+        y, rep, valid, virtual = self._reduce_units(run, x, units)
         run.rep, run.valid, run.padded = rep, valid, True
-        if run.cache is not None:
-            run.cache.note_valid(valid)
-        run.sel = (rep - run.seen).clamp_min(0)
-        run.pe_cache.clear()
+        if virtual is not None:  # attention keeps the full sequence (and the cache stores it)
+            run.virtual = virtual
+        else:
+            if run.cache is not None:
+                run.cache.note_valid(valid)
+            run.sel = (rep - run.seen).clamp_min(0)
+            run.pe_cache.clear()
         if args:
             args = (y, *args[1:])
         else:
@@ -186,8 +221,9 @@ class _VLMRuntime(_Runtime):
 
     def _reduce_units(
         self, run: _Forward, x: Tensor, units: layout.Units
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Reduce every image and splice the results back: ``(hidden, rep, valid)``."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Reduce every image and splice the results back: ``(hidden, rep, valid, virtual)``
+        (``virtual``: with VTU, the slot each input position belongs to)."""
         method = self.projector
         v = self._visual(run, x, units)
         cand = v.candidates
@@ -233,4 +269,36 @@ class _VLMRuntime(_Runtime):
         rep[s, slot] = p + run.seen
         valid = torch.zeros(b, length, dtype=torch.bool, device=x.device)
         valid[s, slot] = True
-        return y, rep, valid
+        virtual = None
+        if method.vtu:
+            entry_slot = torch.full_like(all_s, length)  # not kept -> the spare slot
+            entry_slot[order] = slot
+            virtual = self._virtual(run, units, red, entry_slot, n)
+        return y, rep, valid, virtual
+
+    def _virtual(
+        self, run: _Forward, units: layout.Units, red: Reduction, entry_slot: Tensor, n: int
+    ) -> Tensor:
+        """``[B, n]``: the stream slot of every input position (VTU's ``m(j)``). Text and
+        protected tokens are their own slot; an image token the slot of the merged token that
+        took most of it; padding the spare slot past the end."""
+        b = run.valid.shape[0]
+        u, t = units.valid.shape
+        m = red.rep.shape[1]
+        best = red.weight.argmax(-1, keepdim=True)
+        out = red.index.gather(-1, best)[..., 0]  # [U, t] output of each unit token
+        taken = red.weight.gather(-1, best)[..., 0] > 0
+        dropped = units.valid & ~taken
+        if bool(dropped.any()):
+            raise ValueError(
+                f"{self.projector.name} with vtu=True dropped {int(dropped.sum())} image tokens: "
+                "virtual unmerging needs every token merged into a kept one (use a merging "
+                "method: aim_merge, m3_proj, downsample_proj, visionzip_proj, recoverable)"
+            )
+        virtual = entry_slot[: b * n].view(b, n).clone()
+        unit_entry = b * n + torch.arange(u, device=out.device)[:, None] * m + out
+        img = units.valid & ~units.protected
+        virtual[units.sample[:, None].expand(u, t)[img], units.index[img]] = entry_slot[
+            unit_entry[img]
+        ]
+        return virtual

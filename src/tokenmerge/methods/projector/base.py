@@ -106,6 +106,17 @@ class ProjectorMethod(Method):
 
     Attributes:
         ratio: fraction of each image's reducible tokens removed (``0`` keeps everything).
+        vtu: DyMU's *virtual token unmerging* (Wang et al., "DyMU: Dynamic Merging and
+            Virtual Unmerging for Efficient VLMs", arXiv:2504.17040): the LLM's residual
+            stream, norms and MLPs run on the merged tokens, but every attention layer sees
+            the full sequence. With ``h`` the merged stream and ``m(j)`` the merged token that
+            original position ``j`` belongs to, each layer computes
+            ``Q, K, V = proj(norm(h))[m(j)]`` rotated at the original positions ``j`` (RoPE,
+            M-RoPE), attention over the full causal sequence, and re-merges its output
+            ``o_s = mean_{j: m(j)=s} O_j`` before ``o_proj``'s residual add. The KV cache holds
+            the full sequence, so decoding is unchanged. Saves the MLP and norm FLOPs, not
+            attention's. Needs a method that *merges* every token (pruning methods are
+            refused at run time: a dropped token has no merged token to stand for it).
     """
 
     site: ClassVar[str] = "projector"
@@ -114,6 +125,7 @@ class ProjectorMethod(Method):
     visual_needs: ClassVar[frozenset[str]] = frozenset()
 
     ratio: float = 0.0
+    vtu: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -225,3 +225,96 @@ def test_vtu_refuses_pruning_methods():
     method = tm.get_method("dart", ratio=0.5, vtu=True)
     with tm.patched(model, method), pytest.raises(ValueError, match="vtu=True dropped"):
         model(**inputs)
+
+
+# ------------------------------------------------------------------ encoder methods in the tower
+TOWER = ["tome", "evit", "pitome"]
+
+
+@pytest.mark.parametrize("method", TOWER)
+def test_tower_methods_identity_and_generate(method):
+    model, inputs = make("llava")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with tm.patched(model, tm.get_method(method, r=0)):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), gen)
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_tower_merges_reach_the_llm(method):
+    """Reference: the tower hands its full grid on (merged tokens as copies of one value); the
+    LLM must get each image's distinct tokens once, in order of first appearance, with every
+    text token unchanged, and as many visual tokens as the tower kept."""
+    model, inputs = make("llava")
+    lm = model.model.language_model
+    seen = {}
+
+    def full(module, args, kwargs):
+        seen["full"] = kwargs["inputs_embeds"]
+
+    def reduced(module, args, kwargs):
+        seen["reduced"] = args[0] if args else kwargs["hidden_states"]
+
+    with tm.patched(model, tm.get_method(method, r=2)):
+        h1 = lm.register_forward_pre_hook(full, with_kwargs=True)
+        h2 = lm.layers[0].register_forward_pre_hook(reduced, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                out = model(**inputs).logits
+        finally:
+            h1.remove()
+            h2.remove()
+        run = runtime_of(model).last
+        tower_kept = tm.state(model).counts - 1  # CLS is not a visual token here
+        for b in range(3):
+            alone = model(**inputs_for("llava", model, [b])).logits
+            torch.testing.assert_close(alone[0, -1], out[b, -1], atol=1e-5, rtol=1e-5)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    for b in range(ids.shape[0]):
+        rows = seen["full"][b][mask[b]]
+        image = (ids[b] == IMAGE)[mask[b]]
+        want, have = [], []
+        for row, is_image in zip(rows, image, strict=True):
+            if is_image and any(torch.equal(row, w) for w, img in have if img):
+                continue  # a copy of a token the tower merged
+            have.append((row, bool(is_image)))
+            want.append(row)
+        got = seen["reduced"][b][run.valid[b]]
+        assert torch.equal(got, torch.stack(want))
+        assert int(run.valid[b].sum()) == int((~image).sum() + tower_kept[b])
+        assert int(tower_kept[b]) < int(image.sum())
+
+
+def test_tower_methods_refused_on_tiled_vlms():
+    model, _ = make("llava-next")
+    with pytest.raises(UnsupportedModelError, match=r"LLaVA-1\.5"):
+        tm.apply(model, tm.ToMe(r=2))
+
+
+def test_labels_with_projector_methods():
+    model, inputs = make("llava")
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, -100)
+    with torch.no_grad():
+        ref = model(**inputs, labels=labels).loss
+    with tm.patched(model, tm.get_method("aim_merge", ratio=0.0)), torch.no_grad():
+        assert torch.equal(model(**inputs, labels=labels).loss, ref)
+    for vtu in (False, True):
+        method = tm.get_method("aim_merge", ratio=0.5, vtu=vtu)
+        with tm.patched(model, method), torch.no_grad():
+            loss = model(**inputs, labels=labels).loss
+        assert torch.isfinite(loss) and abs(float(loss) - float(ref)) < 1.0
+
+
+def test_tower_pruning_drops_tokens_from_the_llm():
+    """A token the tower pruned (handed on with its last value) does not reach the LLM."""
+    model, inputs = make("llava")
+    with tm.patched(model, tm.get_method("evit", r=3)), torch.no_grad():
+        model(**inputs)
+        kept = runtime_of(model).last.valid.sum(1)
+        tower_kept = tm.state(model).counts - 1
+    text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != IMAGE)).sum(1)
+    assert torch.equal(kept, text + tower_kept)
+    assert (tower_kept == 13).all()

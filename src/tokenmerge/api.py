@@ -53,7 +53,7 @@ def apply(model: nn.Module, method: Method, *, input_scale: float | None = None)
             f"{adapter.family} adapter does not offer (it offers "
             f"{', '.join(sorted(adapter.sites))})"
         )
-    patch = Patch(model, method, adapter.target(model), input_scale=input_scale)
+    patch = Patch(model, method, adapter.target_for(model, method), input_scale=input_scale)
     patch.install()
     return model
 

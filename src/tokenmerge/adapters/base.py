@@ -180,6 +180,11 @@ class Adapter(ABC):
         """The blocks of ``model``; raises :class:`UnsupportedModelError` on a block it does not
         recognise exactly (never patch half a model)."""
 
+    def target_for(self, model: nn.Module, method: Method) -> Target:
+        """The target that ``method`` patches (adapters whose hooks depend on the method's
+        site override this; the default is :meth:`target`)."""
+        return self.target(model)
+
 
 ADAPTERS: list[Adapter] = []
 

@@ -181,7 +181,7 @@ class _Runtime(_KVSite):
         loss = module.loss_function(
             logits=logits,
             labels=labels,
-            vocab_size=module.config.vocab_size,
+            vocab_size=module.config.get_text_config().vocab_size,
             shift_labels=shift.contiguous(),
             **loss_kw,
         )

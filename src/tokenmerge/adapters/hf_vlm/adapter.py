@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
-from ..base import ADAPTERS, Adapter, Target
+from ...methods.base import Method
+from ..base import ADAPTERS, Adapter, Target, UnsupportedModelError
 from ..hf_decoder.adapter import decoder_target
+from ..hf_vision import HFVision
 from .families import VLMS, parts_of
 from .runtime import _VLMRuntime
 
@@ -16,9 +20,10 @@ class VLMAdapter(Adapter):
     family = "hf-vlm"
     description = (
         "transformers vision-language models (" + ", ".join(sorted(VLMS)) + "); sites "
-        "projector (visual tokens before the LLM), decoder (image tokens at layer K), kv"
+        "projector (visual tokens before the LLM), decoder (image tokens at layer K), kv, "
+        "block (encoder methods in a LLaVA-1.5 vision tower, merges handed on to the LLM)"
     )
-    sites = frozenset({"projector", "decoder", "kv"})
+    sites = frozenset({"projector", "decoder", "kv", "block"})
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in VLMS
@@ -44,6 +49,38 @@ class VLMAdapter(Adapter):
                 (parts.base, "get_image_features", lambda p: wrap(original))
             )
         return target
+
+    def target_for(self, model: nn.Module, method: Method) -> Target:
+        target = self.target(model)
+        if method.site != "block":
+            return target
+        parts = parts_of(model)
+        if parts.layout != "grid":
+            raise UnsupportedModelError(
+                f"{method.name} merges inside the vision tower; the hf-vlm adapter hands tower "
+                "merges on to the LLM for LLaVA-1.5's one-grid-per-image layout only "
+                f"({type(model).__name__} tiles or merges its images: use a projector method)"
+            )
+        tower = HFVision().target(parts.vision_tower)
+        feat = model.config.vision_feature_layer
+        if not isinstance(feat, int):
+            raise UnsupportedModelError(f"vision_feature_layer={feat!r}: one layer is needed")
+        # blocks after the feature layer do not reach the LLM: they are not patched
+        depth = len(tower.blocks) + 1 + feat if feat < 0 else feat
+        return dataclasses.replace(
+            target,
+            blocks=tower.blocks[:depth],
+            spec=tower.spec,
+            cost=dataclasses.replace(tower.cost, depth=depth),
+            n_prefix=tower.n_prefix,
+            prop_attn=tower.prop_attn,
+            grid_from=tower.grid_from,
+            entry=parts.vision_tower,
+            dense=True,  # the tower hands its full grid on: the VLM's placeholders stay valid
+            extra_patches=tower.extra_patches + target.extra_patches,
+            pre_hooks=tower.pre_hooks + target.pre_hooks,
+            post_hooks=tower.post_hooks + target.post_hooks,
+        )
 
 
 ADAPTERS.append(VLMAdapter())

@@ -58,7 +58,14 @@ class _VLMRuntime(_Runtime):
 
     def _shortens(self) -> bool:
         proj = self.projector
-        return super()._shortens() or (proj is not None and not proj.is_identity)
+        if proj is not None:
+            return not proj.is_identity
+        return super()._shortens() or self._tower_merges()
+
+    def _tower_merges(self) -> bool:
+        """A block-site method merges inside the vision tower."""
+        m = self.method
+        return m is not None and m.site == "block" and not m.budget.is_zero
 
     @property
     def projector(self) -> ProjectorMethod | None:
@@ -76,6 +83,7 @@ class _VLMRuntime(_Runtime):
                 f"{self.saliency.error}"
             )
         super().bind(patch)
+        self.patch = patch  # a tower (block-site) method's token state is the patch's
         patch.slots += [self._call, self._positions]
         if self.saliency.error is None:
             patch.slots += [self.saliency.captured, self.saliency.sizes]
@@ -105,9 +113,13 @@ class _VLMRuntime(_Runtime):
         if ids is not None and ids.shape[1] == run.input_valid.shape[1]:
             run.span_input = (ids == self.parts.image_token_id) & run.input_valid
         proj = self.projector
-        if proj is None:
+        has_images = run.span_input is not None and bool(run.span_input.any())
+        if self._tower_merges():
+            if has_images:
+                run.schedule = {0: 1.0}
+        elif proj is None:
             super()._schedule(run)
-        elif not proj.is_identity and run.span_input is not None and bool(run.span_input.any()):
+        elif not proj.is_identity and has_images:
             run.schedule = {0: 1.0 - proj.ratio}
         elif not proj.is_identity and call is not None and ids is None:
             raise ValueError(
@@ -144,7 +156,7 @@ class _VLMRuntime(_Runtime):
 
     # -------------------------------------------------------------- the projector site
     def _reduce_hidden(self, i: int, run: _Forward, args: tuple, kwargs: dict) -> tuple:
-        if self.projector is None:
+        if self.projector is None and not self._tower_merges():
             return super()._reduce_hidden(i, run, args, kwargs)
         run.done.add(i)
         x = _hidden(args, kwargs)
@@ -183,8 +195,9 @@ class _VLMRuntime(_Runtime):
                 images = layout.anyres_images(spans, newline, side, cls)
         return layout.pack(images, x.device)
 
-    def _visual(self, run: _Forward, x: Tensor, units: layout.Units) -> VisualTokens:
-        method = self.projector
+    def _visual(
+        self, run: _Forward, x: Tensor, units: layout.Units, needs: frozenset[str]
+    ) -> VisualTokens:
         v = VisualTokens(
             x=x[units.sample[:, None], units.index],
             valid=units.valid,
@@ -193,9 +206,9 @@ class _VLMRuntime(_Runtime):
             part=units.part,
             grid=units.grid,
         )
-        if "saliency" in method.visual_needs:
+        if "saliency" in needs:
             v.saliency = self._saliency(units)
-        if "text" in method.visual_needs:
+        if "text" in needs:
             # the text after each image in its sample (its question), images excluded
             last = units.index.masked_fill(~units.valid, -1).amax(1)
             pos = torch.arange(x.shape[1], device=x.device)
@@ -206,6 +219,35 @@ class _VLMRuntime(_Runtime):
             v.text = x[s[:, None], order]
             v.text_valid = text.gather(1, order)
         return v
+
+    def _tower_groups(self, units: layout.Units) -> tuple[Reduction, Tensor]:
+        """The vision tower's merges as a reduction of each image's visual tokens: tokens the
+        tower merged (handed on as copies of one value, dense mode) become one token again,
+        the first copy at its position; tokens it pruned are dropped. Returns the reduction and
+        the tokens each image must keep (what the tower kept)."""
+        st = self.patch.state
+        if st is None or len(units) != st.pos.shape[0]:
+            raise self._error("the vision tower's token state does not match the images")
+        src = st.source  # original tower tokens -> the tower's final tokens
+        best = src.weight.argmax(-1, keepdim=True)
+        group = src.index.gather(-1, best)[..., 0]  # [U, N0]
+        gone = src.weight.gather(-1, best)[..., 0] <= 0
+        drop_cls = (
+            st.n_prefix if self.parts.base.config.vision_feature_select_strategy == "default" else 0
+        )
+        group, gone = group[:, drop_cls:], gone[:, drop_cls:]
+        u, t = units.valid.shape
+        if group.shape[1] != t:
+            raise self._error(f"{group.shape[1]} tower tokens for {t} visual tokens per image")
+        group = group.masked_fill(gone | ~units.valid, group.shape[1] + st.pos.shape[1])
+        ar = torch.arange(t, device=group.device).expand(u, t)
+        first = torch.full((u, int(group.max()) + 1), t, device=group.device, dtype=torch.long)
+        first.scatter_reduce_(1, group, ar, reduce="amin")
+        # the copies are equal: keep the first exactly (a mean could change the last bit)
+        first_of = first.gather(1, group)
+        target = torch.where((first_of == ar) & ~gone & units.valid, ar, -1)
+        red = Reduction.from_targets(target)
+        return red, st.counts.to(target.device) - drop_cls  # what the tower kept
 
     def _saliency(self, units: layout.Units) -> Tensor:
         sal = self.saliency.take()
@@ -225,21 +267,27 @@ class _VLMRuntime(_Runtime):
         """Reduce every image and splice the results back: ``(hidden, rep, valid, virtual)``
         (``virtual``: with VTU, the slot each input position belongs to)."""
         method = self.projector
-        v = self._visual(run, x, units)
-        cand = v.candidates
-        keep = method.keep_count(cand.sum(1))
-        red = method.select(v, keep)
+        if method is None:
+            v = self._visual(run, x, units, frozenset())
+            red, want = self._tower_groups(units)
+            exact = True
+        else:
+            v = self._visual(run, x, units, method.visual_needs)
+            cand = v.candidates
+            keep = method.keep_count(cand.sum(1))
+            red = method.select(v, keep)
+            want = keep + v.protected.sum(1)
+            exact = method.exact_counts
         out, size = red.apply(v.x, v.valid.to(x.dtype))
         ok = size > 0
         pos = units.index.gather(1, red.rep)
         got = ok.sum(1)
-        want = keep + v.protected.sum(1)
-        if method.exact_counts:
+        if exact:
             bad = got != want
             msg = "images kept {} tokens, scheduled {}"
         else:  # a pooling grid sets the count: it must still reduce
             want = v.valid.sum(1)
-            bad = (got >= want) & (keep < cand.sum(1))
+            bad = (got >= want) & (keep < v.candidates.sum(1))
             msg = "images kept {} tokens of {}: nothing was reduced"
         run.checks.append((~bad.any(), lambda: msg.format(got.tolist(), want.tolist())))
         # every kept token as (sample, original position): text first, then the images' outputs
@@ -270,7 +318,7 @@ class _VLMRuntime(_Runtime):
         valid = torch.zeros(b, length, dtype=torch.bool, device=x.device)
         valid[s, slot] = True
         virtual = None
-        if method.vtu:
+        if method is not None and method.vtu:
             entry_slot = torch.full_like(all_s, length)  # not kept -> the spare slot
             entry_slot[order] = slot
             virtual = self._virtual(run, units, red, entry_slot, n)

@@ -21,7 +21,6 @@ from tokenmerge.methods.base import REGISTRY
 from tokenmerge.methods.decoder import DECODER_METHODS
 
 PROJECTOR = sorted(n for n, c in REGISTRY.items() if c.site == "projector")
-SALIENCY = {n for n in PROJECTOR if "saliency" in REGISTRY[n].visual_needs}
 #: DyMU's virtual unmerging on the merging methods (pruning ones are refused, tested below)
 VTU = ["aim_merge+vtu", "m3_proj+vtu", "downsample_proj+vtu"]
 
@@ -46,15 +45,9 @@ def _method(name: str, ratio: float):
     return cls(ratio=ratio)
 
 
-def _supported(name: str, method: str) -> bool:
-    return not (name.startswith("qwen") and method.removesuffix("+vtu") in SALIENCY)
-
-
 @pytest.mark.parametrize("method", PROJECTOR + VTU + list(DECODER_METHODS))
 def test_identity_at_zero_budget(vlm, method):
-    name, model, inputs, ref, gen = vlm
-    if not _supported(name, method):
-        pytest.skip("saliency methods are refused on Qwen2-VL (tested below)")
+    _name, model, inputs, ref, gen = vlm
     with tm.patched(model, _method(method, 0.0)):
         with torch.no_grad():
             out = model(**inputs).logits
@@ -66,8 +59,6 @@ def test_identity_at_zero_budget(vlm, method):
 @pytest.mark.parametrize("method", PROJECTOR + VTU + list(DECODER_METHODS))
 def test_reduces_batch_independent_and_generates(vlm, method):
     name, model, inputs, _ref, _ = vlm
-    if not _supported(name, method):
-        pytest.skip("saliency methods are refused on Qwen2-VL (tested below)")
     ids = inputs["input_ids"]
     images = (ids == IMAGE).sum(1)
     with tm.patched(model, _method(method, 0.5)):
@@ -128,13 +119,60 @@ def test_projector_equals_unpatched_llm_on_kept_tokens(name):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
-@pytest.mark.parametrize("method", sorted(SALIENCY))
-def test_saliency_methods_refused_on_qwen(name, method):
-    model, _ = make(name)
-    with pytest.raises(UnsupportedModelError, match="vision tower's attention"):
-        tm.apply(model, tm.get_method(method, ratio=0.5))
-    assert not hasattr(model, "_tokenmerge_patch") or model._tokenmerge_patch is None
+@pytest.mark.parametrize("name", VLM_NAMES)
+def test_saliency_is_attention_received(name):
+    """The tower's attention map handed to saliency methods: for every image, a distribution
+    over its visual tokens (CLS row of a softmax, or mean attention received, then averaged
+    over Qwen2-VL's merged patches), laid out like the image's tokens."""
+    model, inputs = make(name)
+    seen = []
+    method = tm.get_method("visionzip_proj", ratio=0.5)
+    original = type(method).select
+
+    def select(self, v, keep):
+        seen.append(v)
+        return original(self, v, keep)
+
+    type(method).select = select
+    try:
+        with tm.patched(model, method), torch.no_grad():
+            model(**inputs)
+    finally:
+        type(method).select = original
+    v = seen[0]
+    sal = v.saliency.masked_fill(~v.valid | v.protected, 0)
+    assert (sal >= 0).all() and (sal[v.protected] == 0).all()
+    total = sal.sum(1)
+    if name.startswith("qwen"):  # mean received within each image: sums to 1, over m*m = 4
+        torch.testing.assert_close(total, torch.full_like(total, 0.25))
+    elif name == "llava":  # CLS row over the patches (CLS's own share excluded)
+        assert ((total > 0.3) & (total < 1.0)).all()
+    else:  # NeXT/OneVision: every tile's map, tiles unpadded or interpolated: positive
+        assert (total > 0).all()
+
+
+def test_qwen25_saliency_undoes_the_window_order():
+    """Qwen2.5-VL's tower runs its patches in window order: the saliency capture's inverse
+    permutation must be the one the tower itself applies to its merged outputs."""
+    from tokenmerge.adapters.hf_vlm.saliency import QwenSaliency
+
+    model, inputs = make("qwen2.5-vl")
+    tower = model.model.visual
+    sal = QwenSaliency(tower)
+    got = {}
+    hooks = [
+        tower.merger.register_forward_hook(lambda m, a, o: got.__setitem__("window", o)),
+        tower.register_forward_pre_hook(sal._grid, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            out = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        for h in hooks:
+            h.remove()
+    order = torch.argsort(sal._window_index())
+    assert not torch.equal(order, torch.arange(order.shape[0]))  # the windows permute
+    assert torch.equal(got["window"][order], out.pooler_output)
 
 
 def test_kv_method_on_vlm():

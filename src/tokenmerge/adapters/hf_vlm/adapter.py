@@ -38,7 +38,8 @@ class VLMAdapter(Adapter):
             parts.attn_cls,
             lambda m, inner, layers: _VLMRuntime(m, inner, layers, parts),
         )
-        target.post_hooks += rt.saliency.hooks()
+        target.pre_hooks += rt.saliency.pre_hooks()
+        target.post_hooks += rt.saliency.post_hooks()
         # DyMU's virtual unmerging (inactive unless a projector method asks for it)
         target.pre_hooks += [(a, lambda p: rt.attn_expand) for a in rt.attns]
         target.post_hooks += [(a, lambda p: rt.attn_merge) for a in rt.attns]

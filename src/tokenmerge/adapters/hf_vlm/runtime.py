@@ -35,7 +35,7 @@ from ..hf_decoder.ops import _gather_seq, _hidden
 from ..hf_decoder.runtime import _Runtime
 from . import layout
 from .families import VLMParts
-from .saliency import Saliency
+from .saliency import saliency_of
 
 
 @dataclass
@@ -52,7 +52,7 @@ class _VLMRuntime(_Runtime):
         super().__init__(model, inner, layers)
         self.parts = parts
         self.vlm_sig = Signature.of(model, ("input_ids",))
-        self.saliency = Saliency(parts.base, parts.vision_tower, parts.layout)
+        self.saliency = saliency_of(parts.base, parts.vision_tower, parts.layout)
         self._call = ContextSlot(f"tokenmerge_vlm_call_{id(self)}")
         self._positions = ContextSlot(f"tokenmerge_vlm_positions_{id(self)}")
 

@@ -7,12 +7,18 @@ CLS token pays them at the layer the VLM reads its features from (LLaVA's
 token (SigLIP) use the mean attention each token receives, ``mean_{h,i} softmax(Q_h K_hᵀ/√d)_ij``.
 The per-tile maps are then arranged like the visual tokens themselves, by the model's own
 ``pack_image_features`` for LLaVA-NeXT / OneVision (unpadding, row newlines, interpolation).
+
+Qwen2-VL's tower has no CLS token and reads its last block: there, each patch's saliency is the
+mean attention it receives within the segments that block attends over (one per image, or
+Qwen2.5-VL's windows), averaged over the ``m x m`` patches merged into one visual token, in the
+image's own order (Qwen2.5-VL's window permutation undone).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import sys
 from typing import Any
 
@@ -24,18 +30,11 @@ from ..hf_vision import tower_layers
 
 
 class Saliency:
-    """Captures the feature layer's queries and keys of one VLM's vision tower."""
+    """Captures the feature layer's queries and keys of a LLaVA-family vision tower."""
 
     def __init__(self, base: nn.Module, tower: nn.Module, layout: str) -> None:
         cfg = base.config
         self.base, self.layout = base, layout
-        if layout == "mrope":
-            self.error: str | None = (
-                f"{type(tower).__name__} (Qwen2-VL's tower) has no CLS token and windowed, "
-                "rotary attention; the hf-vlm adapter reads vision attention from LLaVA-family "
-                "towers (CLIP, SigLIP, DINOv2) only"
-            )
-            return
         family, spec, layers = tower_layers(tower)
         feat = cfg.vision_feature_layer
         if not isinstance(feat, int):
@@ -64,7 +63,10 @@ class Saliency:
 
         return get_image_features
 
-    def hooks(self) -> list[tuple[nn.Module, Any]]:
+    def pre_hooks(self) -> list[tuple[nn.Module, Any]]:
+        return []
+
+    def post_hooks(self) -> list[tuple[nn.Module, Any]]:
         """``(module, factory)`` forward hooks capturing the feature layer's queries/keys."""
         if self.error is not None:
             return []
@@ -126,3 +128,78 @@ class Saliency:
             kw["vision_feature_select_strategy"] = cfg.vision_feature_select_strategy
         packed = self.base.pack_image_features(**kw)[0]
         return [p[:, 0] for p in packed]
+
+
+class QwenSaliency:
+    """Captures the last block's attention inputs of a Qwen2-VL / Qwen2.5-VL vision tower."""
+
+    error: str | None = None
+
+    def __init__(self, tower: nn.Module) -> None:
+        self.tower = tower
+        self.attn = tower.blocks[-1].attn
+        self.merge = int(tower.spatial_merge_size)
+        self.captured = ContextSlot(f"tokenmerge_saliency_{id(self)}")
+        self.sizes = ContextSlot(f"tokenmerge_grid_thw_{id(self)}")
+
+    def pre_hooks(self) -> list[tuple[nn.Module, Any]]:
+        return [(self.tower, lambda p: self._grid), (self.attn, lambda p: self._inputs)]
+
+    def post_hooks(self) -> list[tuple[nn.Module, Any]]:
+        return []
+
+    def _grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.sizes.set(kwargs["grid_thw"] if "grid_thw" in kwargs else args[1])
+
+    def _inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        self.captured.set((h.detach(), cu, kwargs["position_embeddings"]))
+
+    def take(self) -> Tensor | None:
+        """``[patches / m²]`` mean attention received per visual token (cleared)."""
+        got = self.captured.get()
+        self.captured.set(None)
+        if got is None:
+            return None
+        h, cu, (cos, sin) = got
+        mod = sys.modules[type(self.attn).__module__]
+        n = h.shape[0]
+        qkv = self.attn.qkv(h).reshape(n, 3, self.attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = mod.apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, n, d]
+        bounds = cu.tolist()
+        parts = []
+        for a, b in itertools.pairwise(bounds):
+            att = torch.softmax((q[:, a:b] @ k[:, a:b].transpose(-2, -1)) * self.attn.scaling, -1)
+            parts.append(att.mean(1).mean(0))
+        sal = torch.cat(parts).view(-1, self.merge**2).mean(1)
+        if hasattr(self.tower, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window order
+            sal = sal[torch.argsort(self._window_index())]
+        return sal
+
+    def _window_index(self) -> Tensor:
+        cfg = self.tower.config
+        mod = sys.modules[type(self.tower).__module__]
+        grid = self.sizes.get()
+        if hasattr(mod, "get_vision_window_index"):
+            return mod.get_vision_window_index(
+                grid,
+                spatial_merge_size=self.merge,
+                window_size=cfg.window_size,
+                patch_size=cfg.patch_size,
+            )[0]
+        return self.tower.get_window_index(grid)[0]  # older transformers
+
+    def per_image(self, sal: Tensor) -> list[Tensor]:
+        grid = self.sizes.get()
+        self.sizes.set(None)
+        if grid is None:
+            raise RuntimeError("the vision tower ran without grid_thw")
+        counts = (grid.prod(-1) // self.merge**2).tolist()
+        return list(torch.split(sal, counts))
+
+
+def saliency_of(base: nn.Module, tower: nn.Module, layout: str) -> Saliency | QwenSaliency:
+    """The saliency capture for a VLM's tower."""
+    return QwenSaliency(tower) if layout == "mrope" else Saliency(base, tower, layout)

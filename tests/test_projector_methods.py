@@ -275,7 +275,7 @@ def ref_dart(v, keep, pivots=8, assign="groups") -> dict:
     for i in range(v.x.shape[0]):
         cand, k = cands(v, i), int(keep[i])
         p = min(max(1, round(len(cand) * pivots / 576)), k)
-        piv = by_score(v.x[i].norm(dim=-1), cand, p)
+        piv = by_score(v.x[i].abs().sum(-1), cand, p)
         kept = list(piv)
         rest = [j for j in cand if j not in piv]
         if assign == "max":

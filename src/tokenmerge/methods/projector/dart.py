@@ -23,8 +23,8 @@ class DART(ProjectorMethod):
 
     DART prunes by *duplication* instead of importance:
 
-    1. **pivots**: the ``P`` tokens with the largest norm, ``P = argtopk_i ‖x_i‖₂`` (DART's
-       default pivot rule is the K-norm of the hidden states at the pruning layer; before the
+    1. **pivots**: the ``P`` tokens with the largest norm, ``P = argtopk_i ‖x_i‖₁`` (DART's
+       default pivot rule is the L1 norm of the keys at the pruning layer; before the
        LLM the projector outputs ``x`` take their place);
     2. **duplication** of token ``i`` with pivot ``p``: ``dup(p, i) = cos(x_p, x_i)``;
     3. **retention** per pivot (``assign="groups"``, DART's rule): the pivots take turns in
@@ -65,7 +65,7 @@ class DART(ProjectorMethod):
         p = torch.round(m.double() * self.pivots / 576).long().clamp_min(1)
         p = torch.minimum(p, keep)
         x = v.x.float()
-        norm = x.norm(dim=-1)
+        norm = x.abs().sum(-1)  # DART ranks pivots by the L1 norm
         kept = top_k(norm, cand, p)
         key = unit(x)
         rest = cand & ~kept

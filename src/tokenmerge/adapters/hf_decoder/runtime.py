@@ -495,15 +495,30 @@ class _Runtime(_KVSite):
                 lambda: f"layer {i} runs on {got.tolist()} tokens, scheduled {want.tolist()}",
             )
         )
+        return self._continue_on(run, y, rep, valid, args, kwargs)
+
+    def _continue_on(
+        self,
+        run: _Forward,
+        y: Tensor,
+        rep: Tensor,
+        valid: Tensor,
+        args: tuple,
+        kwargs: dict,
+        stored: bool = True,
+    ) -> tuple[tuple, dict]:
+        """The layer's arguments with the reduced hidden states ``y`` (slots with original
+        index ``rep``, real where ``valid``). ``stored=False`` (virtual unmerging): attention
+        and the cache keep working on every original position."""
         run.rep, run.valid, run.padded = rep, valid, True
-        if run.cache is not None:
-            run.cache.note_valid(valid)  # layers from here on store these slots
-        run.sel = (rep - run.seen).clamp_min(0)
-        run.pe_cache.clear()
+        if stored:
+            if run.cache is not None:
+                run.cache.note_valid(valid)  # layers from here on store these slots
+            run.sel = (rep - run.seen).clamp_min(0)
+            run.pe_cache.clear()
         if args:
-            args = (y, *args[1:])
-        else:
-            kwargs["hidden_states"] = y
+            return (y, *args[1:]), kwargs
+        kwargs["hidden_states"] = y
         return args, kwargs
 
     # -------------------------------------------------------------- attention hook

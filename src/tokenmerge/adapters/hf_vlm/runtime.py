@@ -162,19 +162,8 @@ class _VLMRuntime(_Runtime):
         x = _hidden(args, kwargs)
         units = self._units(run, x)
         y, rep, valid, virtual = self._reduce_units(run, x, units)
-        run.rep, run.valid, run.padded = rep, valid, True
-        if virtual is not None:  # attention keeps the full sequence (and the cache stores it)
-            run.virtual = virtual
-        else:
-            if run.cache is not None:
-                run.cache.note_valid(valid)
-            run.sel = (rep - run.seen).clamp_min(0)
-            run.pe_cache.clear()
-        if args:
-            args = (y, *args[1:])
-        else:
-            kwargs["hidden_states"] = y
-        return args, kwargs
+        run.virtual = virtual  # VTU: attention keeps the full sequence (and the cache stores it)
+        return self._continue_on(run, y, rep, valid, args, kwargs, stored=virtual is None)
 
     def _units(self, run: _Forward, x: Tensor) -> layout.Units:
         parts, base = self.parts, self.parts.base

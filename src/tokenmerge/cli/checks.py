@@ -46,7 +46,7 @@ def warn(message: str) -> None:
 
 
 def check_model(name: str, kind: str | None, command: str = "bench") -> str:
-    """The kind (vision, text, llm) of model ``name``; refused, before anything loads, when it
+    """The kind (vision, text, llm, vlm) of model ``name``; refused, before anything loads, when it
     is neither a zoo name nor ``hf:``/``timm:``, or not of ``kind`` (``--kind``, or the kind
     the command takes)."""
     if name in CATALOG:
@@ -60,6 +60,11 @@ def check_model(name: str, kind: str | None, command: str = "bench") -> str:
             raise ValueError(f"--model {name!r}: give a hub id or a folder after {prefix}:")
         if kind is None:
             raise ValueError(f"--model {name!r} is a hub model: pass --kind vision, text or llm")
+        if kind == "vlm":
+            raise ValueError(
+                f"--model {name!r}: hub VLMs are not benchmarked; the VLM bench runs on the zoo's "
+                "tiny-llava"
+            )
         if prefix == "timm" and kind != "vision":
             raise ValueError(f"--model {name!r}: timm models are vision models, not {kind}")
         return kind

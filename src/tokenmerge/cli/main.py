@@ -37,9 +37,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.full and args.quick:
         raise SystemExit("--full and --quick exclude each other")
     for flag in ("baselines", "autotune", "plan", "full"):
+        if flag == "full" and kind == "vlm":
+            continue
         if getattr(args, flag) not in (None, False) and kind != "vision":
             raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
-    module = importlib.import_module(f"tokenmerge.eval.{kind}")
+    # the VLM bench's entry point lives in its cli module (its package holds the data too)
+    module = importlib.import_module(f"tokenmerge.eval.{kind}" + (".cli" if kind == "vlm" else ""))
     return module.cli_main(args)
 
 
@@ -111,6 +114,7 @@ def _report(args: argparse.Namespace) -> int:
 
     from ..eval.llm.cli import render
     from ..eval.vision.cli import render as render_vision
+    from ..eval.vlm.cli import render as render_vlm
 
     for name in args.json:
         path = Path(name)
@@ -124,6 +128,8 @@ def _report(args: argparse.Namespace) -> int:
             )
         if "datasets" in config:  # a vision run
             written = render_vision(path)
+        elif config.get("bench") == "vlm":
+            written = render_vlm(path)
         else:
             path.with_suffix(".md").write_text(render(path))
             written = [".md"]
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--kind",
-        choices=["vision", "text", "llm"],
+        choices=["vision", "text", "llm", "vlm"],
         help="the kind of a hf:/timm: model (default: the zoo model's own)",
     )
     b.add_argument(
@@ -221,13 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--methods",
-        help="comma-separated registered methods (default: tome; LLMs: snapkv,pyramidkv,...)",
+        help="comma-separated registered methods (default: tome; LLMs: snapkv,pyramidkv,...; "
+        "VLMs: every projector and decoder method)",
     )
     b.add_argument(
         "--budgets",
         help="comma-separated budgets: 8 (tokens removed per layer), 16:-1, list:8/8/4, "
-        "keep:0.9 (per layer), tokens:64, flops:0.5; LLMs: compression factors 2,4,8 "
-        "(default: the preset's)",
+        "keep:0.9 (per layer), tokens:64, flops:0.5; LLMs: compression factors 2,4,8; "
+        "VLMs: visual tokens kept per image, 85,57,28,16 (default: the preset's)",
     )
     b.add_argument(
         "--budgets-for",
@@ -244,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--full",
         action="store_true",
         help="vision: the published size (n=1000 per data set, ToMe r=8,12,16,20, six input "
-        "sizes; about an hour on 2 cores) instead of the default quick look (about 5 minutes)",
+        "sizes; about an hour on 2 cores) instead of the default quick look (about 5 minutes); "
+        "VLMs: 500 questions instead of 100",
     )
     b.add_argument(
         "--param",
@@ -256,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         help="comma-separated subset of the tasks (default: all; vision: "
         "cosine,knn,probe,saliency,speed; text: cosine,retrieval,probe,speed; LLMs: "
-        "needle,ppl,memory,speed)",
+        "needle,ppl,memory,speed; VLMs: accuracy,speed)",
     )
     b.add_argument(
         "--dataset",
@@ -266,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--n",
         type=positive,
-        help="samples for the quality tasks (vision: per data set, default 96; --full 1000)",
+        help="samples for the quality tasks (vision: per data set, default 96; --full 1000; "
+        "VLMs: questions, balanced over the question types, default 100; --full 500)",
     )
     b.add_argument("--batch-size", type=positive, help="batch size (default: the preset's)")
     b.add_argument("--timing-runs", type=positive, help="interleaved timing pairs (default: 5)")

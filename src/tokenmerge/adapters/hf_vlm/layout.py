@@ -87,7 +87,9 @@ def grid_images(spans: list[list[tuple[int, int]]], side: int, cls: bool) -> lis
             if (stop - start) % per:
                 raise ValueError(
                     f"a run of {stop - start} image tokens is not a whole number of images of "
-                    f"{per} tokens; the prompt's image placeholders do not match the model"
+                    f"{per} tokens (vision_config.image_size / patch_size = {side} per side): "
+                    "the prompt's image placeholders or the config's image_size do not match "
+                    "the images the model is given"
                 )
             images += [_grid_image(b, s, side, cls) for s in range(start, stop, per)]
     return images

@@ -70,7 +70,9 @@ def asset_path(name: str) -> Path:
 
     ``dinov2-s`` -> the ONNX file, ``smollm2-135m`` -> the GGUF file,
     ``qwen2.5-coder-0.5b`` -> the GGUF assembled from its parts (in the cache folder),
-    ``minilm`` -> the model folder (all of whose files are checked).
+    ``minilm`` -> the model folder (all of whose files are checked), ``tiny-llava`` -> its
+    projector weights (the encoder's and the LLM's are those of ``dinov2-s`` and
+    ``smollm2-135m``).
     """
     if name == "dinov2-s":
         return _asset_file(_DINOV2_ONNX)
@@ -78,4 +80,8 @@ def asset_path(name: str) -> Path:
         return _gguf_file(_GGUF_LMS[name])
     if name == "minilm":
         return _minilm_dir()
+    if name == "tiny-llava":
+        from .vlm import PROJECTOR_FILE, PROJECTOR_SHA256
+
+        return verify_sha256(PROJECTOR_FILE, PROJECTOR_SHA256)
     raise KeyError(f"Unknown zoo name {name!r}; known: {sorted(ZOO)}")

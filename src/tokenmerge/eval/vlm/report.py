@@ -1,0 +1,298 @@
+"""The VLM bench's Markdown report (a table per budget, the winners, which question type breaks
+first, whether counting suffers most from merging) and its plot (accuracy against visual tokens
+kept, one panel per question type)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .scenes import KINDS
+
+#: methods that merge (average) visual tokens rather than only drop them: pooling, merges,
+#: VisionZip's and Recoverable Compression's merged contextual tokens, HoliTom's inner merge
+MERGING = frozenset(
+    {"downsample_proj", "m3_proj", "aim_merge", "visionzip_proj", "recoverable", "holitom_inner"}
+)
+#: a question type "breaks" at the first budget where the median method keeps less than this
+#: share (in %) of the unreduced model's accuracy on it
+BREAK_PCT = 90.0
+
+COLUMNS: list[tuple[str | tuple[str, str], str]] = [
+    ("method", "method"),
+    ("site", "site"),
+    (("acc", "acc_se"), "accuracy"),
+    ("pct_text", "% of full"),
+    (("agreement", "agreement_se"), "agreement"),
+    *[(f"acc_{k}", k) for k in KINDS],
+    ("tokens_text", "tokens"),
+    (("ttft_ratio", "ttft_iqr"), "TTFT ratio"),
+    (("decode_ratio", "decode_iqr"), "decode speed"),
+    ("kv_mb", "KV MB"),
+    ("flops_ratio", "FLOPs"),
+]
+
+
+def _f(v: float | None, se: float | None = None, d: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.{d}f}" if se is None else f"{v:.{d}f} ± {se:.{d}f}"
+
+
+def winners(rows: list[dict[str, Any]]) -> str:
+    """One line per budget: the most accurate method, and those within one standard error."""
+    lines = []
+    for keep in sorted({r["keep"] for r in rows if r["method"] != "unreduced"}, reverse=True):
+        at = [r for r in rows if r["keep"] == keep and r.get("acc") is not None]
+        if not at or rows[0]["method"] != "unreduced":
+            continue
+        best = max(at, key=lambda r: (r["acc"], r["agreement"]))
+        lo = best["acc"] - (best["acc_se"] or 0.0)
+        tied = [r["method"] for r in at if r is not best and r["acc"] + (r["acc_se"] or 0) >= lo]
+        cheap = min(at, key=lambda r: r["flops_ratio"])
+        text = (
+            f"- **{keep} tokens**: {best['method']} at {_f(best['acc'], best['acc_se'])} "
+            f"({_f(best.get('pct_full'), d=0)}% of full, agreement {_f(best['agreement'], d=2)})"
+        )
+        text += f"; within one standard error: {', '.join(tied)}" if tied else "; alone"
+        text += f". Fewest FLOPs: {cheap['method']} ({_f(cheap['flops_ratio'], d=2)})."
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def retention(rows: list[dict[str, Any]]) -> dict[str, dict[int, float | None]]:
+    """Per question type and budget: the median over methods of the % of the unreduced
+    model's accuracy on that type."""
+    import statistics
+
+    keeps = sorted({r["keep"] for r in rows if r["method"] != "unreduced"}, reverse=True)
+    out: dict[str, dict[int, float | None]] = {}
+    for k in KINDS:
+        out[k] = {}
+        for keep in keeps:
+            at = [r for r in rows if r["keep"] == keep and r["method"] != "unreduced"]
+            vals = [r[f"pct_{k}"] for r in at if r.get(f"pct_{k}") is not None]
+            out[k][keep] = statistics.median(vals) if vals else None
+    return out
+
+
+def near_chance(rows: list[dict[str, Any]], chance: dict[str, float]) -> list[str]:
+    """Question types on which the unreduced model is no better than chance (+ 5 points):
+    there is nothing for a reduction to break."""
+    base = rows[0]
+    return [
+        k for k in KINDS
+        if base.get(f"acc_{k}") is None or base[f"acc_{k}"] <= chance.get(k, 0.0) + 0.05
+    ]  # fmt: skip
+
+
+def breaks_first(rows: list[dict[str, Any]], chance: dict[str, float] | None = None) -> str:
+    """Which question type falls below :data:`BREAK_PCT` % of its unreduced accuracy first
+    (at the largest budget), as a sentence. Types the unreduced model answers at chance are
+    left out."""
+    ret = retention(rows)
+    skip = near_chance(rows, chance or {})
+    note = (
+        f" Left out: {', '.join(skip)} (the unreduced model is within 5 points of chance)."
+        if skip
+        else ""
+    )
+    ret = {k: v for k, v in ret.items() if k not in skip}
+    if not ret:
+        return "Not measurable: the unreduced model answers every type at chance." + note
+    broke: dict[str, int] = {}
+    for k, per in ret.items():
+        for keep, v in per.items():  # largest budget first
+            if v is not None and v < BREAK_PCT:
+                broke[k] = keep
+                break
+    if not broke:
+        return (
+            f"No question type breaks: at every budget the median method keeps at least "
+            f"{BREAK_PCT:g}% of the unreduced accuracy on every type." + note
+        )
+    first = max(broke.values())
+    at = sorted((k for k in broke if broke[k] == first), key=lambda k: ret[k][first])
+    rest = ", ".join(
+        f"{k} at {v}" for k, v in sorted(broke.items(), key=lambda x: -x[1]) if k not in at
+    )
+    held = [k for k in KINDS if k not in broke]
+    return (
+        f"**{' and '.join(at)}** breaks first: at {first} tokens the median method keeps "
+        f"{ret[at[0]][first]:.0f}% of the unreduced accuracy on it (below {BREAK_PCT:g}%)."
+        + (f" Then: {rest}." if rest else "")
+        + (f" Never below {BREAK_PCT:g}%: {', '.join(held)}." if held else "")
+        + note
+    )
+
+
+def counting(
+    rows: list[dict[str, Any]], n_by_type: dict[str, int], chance: dict[str, float] | None = None
+) -> str:
+    """The answer to "does counting suffer most from merging?", computed from the rows: the mean
+    % of unreduced accuracy kept per type, over the merging methods and all budgets, against
+    the pruning methods'."""
+
+    def mean_pct(methods: set[str], kind: str) -> float | None:
+        vals = [r[f"pct_{kind}"] for r in rows if r["method"] in methods
+                and r.get(f"pct_{kind}") is not None]  # fmt: skip
+        return sum(vals) / len(vals) if vals else None
+
+    ran = {r["method"] for r in rows if r["method"] != "unreduced" and r.get("acc") is not None}
+    merging, pruning = ran & MERGING, ran - MERGING
+    if "count" in near_chance(rows, chance or {}):
+        return (
+            "Does counting suffer most from merging? Not measurable: the unreduced model "
+            "answers count questions at chance."
+        )
+    if not merging:
+        return "Does counting suffer most from merging? Not measured: no merging method was run."
+    per = {k: mean_pct(merging, k) for k in KINDS}
+    per = {k: v for k, v in per.items() if v is not None}
+    if "count" not in per:
+        return "Does counting suffer most from merging? Not measured: no count question scored."
+    worst = min(per, key=per.get)
+    others = ", ".join(f"{k} {v:.0f}%" for k, v in per.items() if k != "count")
+    prune = mean_pct(pruning, "count") if pruning else None
+    n = n_by_type.get("count", 0)
+    answer = "Yes" if worst == "count" else "No"
+    text = (
+        f"**Does counting suffer most from merging? {answer}.** Averaged over the merging "
+        f"methods ({', '.join(sorted(merging))}) and every budget, counting keeps "
+        f"{per['count']:.0f}% of its unreduced accuracy; the other types: {others}"
+        + ("" if worst == "count" else f" (lowest: {worst})")
+        + "."
+    )
+    if prune is not None:
+        text += (
+            f" Under the pruning methods ({', '.join(sorted(pruning))}) counting keeps "
+            f"{prune:.0f}%, so merging is {'worse' if per['count'] < prune else 'no worse'} "
+            "for counting than pruning here."
+        )
+    return text + (
+        f" With {n} count questions, one question is {100 / max(n, 1):.0f} points of accuracy: "
+        "differences of a few points are noise."
+    )
+
+
+def markdown(cfg: Any, result: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The Markdown report of a run."""
+    from .. import report
+
+    rows, base = result["rows"], result["rows"][0]
+    n_by = result["n_by_type"]
+    counts = ", ".join(f"{k} {v}" for k, v in n_by.items())
+    chance = ", ".join(f"{k} {v:.2f}" for k, v in result["chance"].items())
+    per_type = ", ".join(f"{k} {_f(base.get(f'acc_{k}'), d=2)}" for k in KINDS)
+    load = result.get("other_load")
+    notes = (
+        f"{cfg.model}: {cfg.n_image} visual tokens per image. {sum(n_by.values())} held-out "
+        f"questions ({cfg.split} split of the synthetic scenes, seed {cfg.seed}; per type: "
+        f"{counts}; the list is in the JSON's `meta.questions`), answered by greedy decoding "
+        f"(up to {cfg.max_new_tokens} tokens, batches of up to {cfg.batch_size} "
+        + (
+            "questions whose prompts have the same length, so no padding"
+            if getattr(cfg, "same_length", False)
+            else "questions, left-padded"
+        )
+        + ") and scored by first word against the gold answer. Chance per type: "
+        f"{chance}.\n\nUnreduced model: accuracy {_f(base.get('acc'), base.get('acc_se'))}; "
+        f"per type {per_type}.\n\n"
+        "Budgets are visual tokens kept per image (LLaVA's 576 -> 192/128/64 scaled to "
+        f"{cfg.n_image}, plus an extreme one), i.e. ratio = 1 - keep/{cfg.n_image}. Projector "
+        "methods reduce every image once, before the LLM. Decoder methods (FastV and HoliTom's "
+        "inner merge at layer K=2, AIM's progressive pruning from layer depth/2 to 3·depth/4) "
+        "remove the same fraction of the image tokens from layer K on: they run the first "
+        "layers on every token, so at equal kept tokens their FLOPs are higher.\n\n"
+        "Columns: accuracy ± sqrt(p(1-p)/n); % of full = accuracy / the unreduced accuracy "
+        "(± bootstrap SE over questions, paired); agreement = share of answers equal to the "
+        "unreduced model's (± bootstrap SE); per-type accuracy; tokens = visual tokens the "
+        "last LLM layer held per image, read from the runtime (pooling methods keep what their "
+        "grid gives); TTFT ratio = patched / unpatched time to the first token (< 1 is faster) "
+        "and decode speed = patched / unpatched tokens per second after it (> 1 is faster), "
+        f"one question at batch 1, median of {cfg.timing_runs} interleaved pairs with the "
+        "interquartile range (min–max under 4 pairs); a range holding 1.0 is no measurable "
+        "change; KV MB = cache bytes per question after the prefill; FLOPs = analytic prefill "
+        "FLOPs / the unreduced model's (LLM layers at the token counts they ran on, plus the "
+        "unchanged vision tower, projector and LM head).\n\n"
+        + (
+            f"Timing load: other processes kept {load:.2f} cores busy at most "
+            f"(mean {result.get('other_load_mean') or 0:.2f}) during the timed pairs"
+            + (" — **loaded**, the speed columns are noisy.\n\n" if load > 0.25 else ".\n\n")
+            if load is not None
+            else ""
+        )
+    )
+    parts = [f"# tokenmerge bench: {cfg.model} (visual token reduction)\n", notes]
+    parts += ["## Which method wins\n", winners(rows), ""]
+    parts += ["## Which question type breaks first\n", breaks_first(rows, result["chance"]), ""]
+    parts += [_ret_table(rows)]
+    parts += ["## Counting and merging\n", counting(rows, n_by, result["chance"]), ""]
+    for keep in sorted({r["keep"] for r in rows[1:]}, reverse=True):
+        at = [base] + [r for r in rows if r["keep"] == keep and r["method"] != "unreduced"]
+        at = [_display(r) for r in at]
+        parts += [f"## {keep} visual tokens kept (of {cfg.n_image})\n", report.table(at, COLUMNS)]
+    parts.append(report.footer(meta))
+    return "\n".join(parts)
+
+
+def _display(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its % of full (± SE) and token count as the table shows them."""
+    pct, se = row.get("pct_full"), row.get("pct_full_se")
+    text = "" if pct is None else f"{pct:.0f}" + ("" if se is None else f" ± {se:.0f}")
+    tokens = row.get("tokens")
+    return row | {"pct_text": text, "tokens_text": "" if tokens is None else f"{tokens:.1f}"}
+
+
+def _ret_table(rows: list[dict[str, Any]]) -> str:
+    ret = retention(rows)
+    keeps = list(next(iter(ret.values())).keys())
+    head = "| type | " + " | ".join(f"{k} tokens" for k in keeps) + " |"
+    lines = [head, "|" + "---|" * (len(keeps) + 1)]
+    for kind, per in ret.items():
+        lines.append(f"| {kind} | " + " | ".join(_f(per[k], d=0) for k in keeps) + " |")
+    return "Median over methods of the % of unreduced accuracy kept:\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path, title: str) -> None:
+    """Accuracy against the visual tokens kept: overall and one panel per question type, a
+    line per method (dashed: decoder methods), the unreduced model and chance as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("acc") is not None]
+    base, methods = rows[0], list(dict.fromkeys(r["method"] for r in rows[1:]))
+    n_by, chance = result["n_by_type"], result["chance"]
+    overall = sum(chance[k] * n_by[k] for k in KINDS) / max(sum(n_by.values()), 1)
+    panels = [("acc", "overall", overall)] + [(f"acc_{k}", k, chance[k]) for k in KINDS]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    for ax, (key, label, chance) in zip(axes.flat, panels, strict=True):
+        for i, m in enumerate(methods):
+            pts = sorted(
+                (r["tokens"], r[key]) for r in rows if r["method"] == m and r.get(key) is not None
+            )
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                dec = any(r.get("site") == "decoder" for r in rows if r["method"] == m)
+                ax.plot(
+                    xs, ys, marker="os^vD"[i % 5], ls="--" if dec else "-", color=cmap(i), label=m
+                )
+        if base.get(key) is not None:
+            ax.axhline(base[key], color="black", ls="--", lw=1, label="unreduced")
+            ax.plot([base["tokens"]], [base[key]], "k*", ms=9)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_title(label)
+        ax.set_xlabel("visual tokens kept per image (measured)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""The VLM bench end to end on a tiny random LLaVA (16 visual tokens per image) with a fake
+input builder: the JSON fields, token counts as the runtime saw them, the unreduced row, the
+report, and the CLI's refusals before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from vlm_models import IMAGE, PAD, make
+
+import tokenmerge as tm
+from tokenmerge.adapters.hf_decoder import runtime_of
+from tokenmerge.cli.main import main
+from tokenmerge.eval.vlm import bench as vb
+from tokenmerge.eval.vlm.cli import render, write
+from tokenmerge.eval.vlm.scenes import KINDS
+
+N_IMAGE = 16
+
+
+class FakeInputs:
+    """``TinyLlavaInputs``' interface for the tiny LLaVA: image tokens, then the question as
+    a few token ids; the answer is the first generated token id (as text)."""
+
+    image_token_id = IMAGE
+    n_image_tokens = N_IMAGE
+
+    def batch(self, images, questions):
+        rows = [
+            [1, 5, *[IMAGE] * N_IMAGE, *[10 + ord(c) % 80 for c in q[:3]], 7] for q in questions
+        ]
+        rows = [r[: len(r) - (i % 2)] for i, r in enumerate(rows)]  # different lengths: padding
+        width = max(map(len, rows))
+        ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(images)}
+
+    def answers(self, generated, batch):
+        return [str(int(t)) for t in generated[:, batch["input_ids"].shape[1]]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, _ = make("llava")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 32, 32, generator=g) for _ in range(5)]
+    items = [
+        {"id": i, "scene": i % 5, "image": i % 5, "kind": KINDS[i % 5],
+         "question": f"q{i} {KINDS[i % 5]}", "answer": "?"}
+        for i in range(10)
+    ]  # fmt: skip
+    inputs = FakeInputs()
+    # gold answers: the unreduced model's for every other question (accuracy 0.5)
+    batch = inputs.batch([images[it["image"]] for it in items], [it["question"] for it in items])
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    for it, a in zip(items, inputs.answers(out, batch), strict=True):
+        it["answer"] = a if it["id"] % 2 == 0 else "none"
+    cfg = vb.VLMBenchConfig(
+        model="tiny-llava", methods=("random_proj", "downsample_proj", "fastv"), keeps=(8,),
+        n=10, batch_size=4, max_new_tokens=2, decode_tokens=2, timing_runs=1, timing_warmup=0,
+        n_image=N_IMAGE,
+    )  # fmt: skip
+    steps = []
+    result = vb.run(cfg, steps.append, loaded=(model, inputs), data=(images, items))
+    return model, inputs, images, items, cfg, result, steps
+
+
+def test_rows_and_fields(setup):
+    _, _, _, items, cfg, result, steps = setup
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["unreduced", "random_proj", "downsample_proj", "fastv"]
+    assert sum(steps) == vb.planned_steps(cfg)
+    base = rows[0]
+    assert base["acc"] == pytest.approx(0.5)
+    assert base["pct_full"] == pytest.approx(100.0) and base["agreement"] == 1.0
+    assert base["tokens"] == N_IMAGE and base["flops_ratio"] == pytest.approx(1.0)
+    assert base["kv_ratio"] == pytest.approx(1.0)
+    for r in rows[1:]:
+        for key in ("acc", "acc_se", "pct_full", "agreement", "agreement_se", "tokens",
+                    "kv_mb", "flops_ratio", "ttft_ratio", "ttft_iqr", "decode_ratio", "site",
+                    *(f"acc_{k}" for k in KINDS)):  # fmt: skip
+            assert r[key] is not None, key
+        assert r["keep"] == 8 and r["ratio"] == pytest.approx(0.5)
+        assert len(r["answers"]) == len(items)
+        assert 0 < r["flops_ratio"] < 1 and r["kv_ratio"] < 1
+    assert rows[1]["tokens"] == 8  # random pruning keeps exactly its budget
+    assert rows[3]["site"] == "decoder" and rows[3]["tokens_mean_layers"] > rows[3]["tokens"]
+    assert result["n_by_type"] == dict.fromkeys(KINDS, 2)
+
+
+def test_tokens_are_what_the_runtime_saw(setup):
+    model, inputs, images, items, _, result, _ = setup
+    for row in result["rows"][1:]:
+        method = tm.get_method(row["method"], ratio=row["ratio"])
+        seen = []
+        for it in items:  # one question at a time: what the runtime saw for it
+            batch = inputs.batch([images[it["image"]]], [it["question"]])
+            with tm.patched(model, method), torch.inference_mode():
+                model(**batch)
+                last = runtime_of(model).last
+            text = batch["attention_mask"].sum(1) - (batch["input_ids"] == IMAGE).sum(1)
+            seen += (last.tokens_per_layer[-1] - text).tolist()
+        assert row["tokens"] == pytest.approx(sum(seen) / len(seen)), row["method"]
+
+
+def test_batches_hold_one_prompt_length(setup):
+    model, inputs, images, items, cfg, _, _ = setup
+    from tokenmerge.eval.vlm.measure import Measurer
+
+    m = Measurer(cfg, model, inputs, images, items, lambda k: None)
+    batches = m.batches()
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    for b in batches:
+        assert len(b) <= cfg.batch_size
+        assert len({m._batch([items[i]])["input_ids"].shape[1] for i in b}) == 1
+
+
+def test_report_written_and_remade(setup, tmp_path):
+    *_, cfg, result, _ = setup
+    args = argparse.Namespace(out=str(tmp_path), name="vlm")
+    write(args, cfg, result)
+    saved = json.loads((tmp_path / "vlm.json").read_text())
+    meta = saved["meta"]
+    assert meta["config"]["bench"] == "vlm" and meta["config"]["keeps"] == [8]
+    assert len(meta["questions"]) == 10 and {"versions", "machine", "seed"} <= set(meta)
+    md = (tmp_path / "vlm.md").read_text()
+    assert "8 visual tokens kept" in md and "Does counting suffer most from merging?" in md
+    assert "breaks first" in md or "No question type breaks" in md
+    assert (tmp_path / "vlm.png").stat().st_size > 0
+    (tmp_path / "vlm.md").unlink()
+    assert render(tmp_path / "vlm.json") == [".md", ".png"]
+    assert (tmp_path / "vlm.md").read_text().split("Generated")[0] == md.split("Generated")[0]
+    assert main(["report", str(tmp_path / "vlm.json")]) == 0
+
+
+def test_questions_balanced():
+    images, items = vb.make_questions(10, "test", seed=0)
+    assert [sum(it["kind"] == k for it in items) for k in KINDS] == [2] * 5
+    assert all(0 <= it["image"] < len(images) for it in items)
+    assert vb.quotas(12) == {"colour": 3, "shape": 3, "count": 2, "position": 2, "class": 2}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "tome"], "accepted: "),
+        (["--methods", "random_proj,nope"], "not a VLM method"),
+        (["--budgets", "256"], "from 1 to 255"),
+        (["--budgets", "0"], "from 1 to 255"),
+        (["--budgets", "half"], "visual tokens kept per image"),
+        (["--tasks", "needle"], "accepted"),
+        (["--dataset", "photos"], "does not apply"),
+    ],
+)
+def test_cli_refuses_before_loading(extra, message, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(tm.zoo, "load", boom)
+    assert main(["bench", "--model", "tiny-llava", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_hub_vlm(capsys):
+    assert main(["bench", "--model", "hf:some/vlm", "--kind", "vlm"]) == 2
+    assert "tiny-llava" in capsys.readouterr().err

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 PROJECTOR_FILE = Path(__file__).parent / "assets" / "tiny_llava_projector.safetensors"
-PROJECTOR_SHA256 = "06fba5ff577022d8294c56fc4b9aae544af6152bfd281770db478d6d8488baa2"
+PROJECTOR_SHA256 = "79d4f5135412f395350fbbd3eee9e96869768f4807dc8798ba26aa8721b41960"
 VISION_FEATURE_LAYER = -1
 
 

@@ -187,6 +187,12 @@ class Reduction:
             y = y * (target / y.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
         return y, new_size
 
+    def destination(self) -> tuple[Tensor, Tensor]:
+        """``(output, sent)``, both ``[B, N_in]``: the output slot that takes most of each
+        input, and whether the input sends anything at all (False: pruned)."""
+        best = self.weight.argmax(-1, keepdim=True)
+        return self.index.gather(-1, best)[..., 0], self.weight.gather(-1, best)[..., 0] > 0
+
     def unmerge(self, y: Tensor) -> Tensor:
         """Copy outputs back onto the input grid: ``x_i = sum_o w_io y_o / sum_o w_io``.
 

@@ -216,10 +216,8 @@ class _VLMRuntime(_Runtime):
         st = self.patch.state
         if st is None or len(units) != st.pos.shape[0]:
             raise self._error("the vision tower's token state does not match the images")
-        src = st.source  # original tower tokens -> the tower's final tokens
-        best = src.weight.argmax(-1, keepdim=True)
-        group = src.index.gather(-1, best)[..., 0]  # [U, N0]
-        gone = src.weight.gather(-1, best)[..., 0] <= 0
+        group, sent = st.source.destination()  # original tower tokens -> its final tokens
+        gone = ~sent
         drop_cls = (
             st.n_prefix if self.parts.base.config.vision_feature_select_strategy == "default" else 0
         )
@@ -321,9 +319,7 @@ class _VLMRuntime(_Runtime):
         b = run.valid.shape[0]
         u, t = units.valid.shape
         m = red.rep.shape[1]
-        best = red.weight.argmax(-1, keepdim=True)
-        out = red.index.gather(-1, best)[..., 0]  # [U, t] output of each unit token
-        taken = red.weight.gather(-1, best)[..., 0] > 0
+        out, taken = red.destination()  # [U, t] output of each unit token
         dropped = units.valid & ~taken
         if bool(dropped.any()):
             raise ValueError(

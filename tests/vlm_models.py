@@ -58,26 +58,19 @@ def _build(name: str):
         )
         return _quiet(t.LlavaForConditionalGeneration, cfg)
     if name in ("llava-next", "llava-onevision"):
-        pins = [[32, 32], [32, 64], [64, 32], [64, 64]]
-        if name == "llava-next":
-            vis = t.CLIPVisionConfig(**_CLIP)
-            cfg = t.LlavaNextConfig(
-                vision_config=vis,
-                text_config=t.LlamaConfig(**_TEXT),
-                image_token_id=IMAGE,
-                vision_feature_layer=-1,
-                image_grid_pinpoints=pins,
-            )
-            return _quiet(t.LlavaNextForConditionalGeneration, cfg)
-        vis = t.SiglipVisionConfig(**_CLIP)
-        cfg = t.LlavaOnevisionConfig(
-            vision_config=vis,
-            text_config=t.Qwen2Config(**_TEXT),
+        # (VLM, tower, LLM) prefixes: NeXT with CLIP and Llama, OneVision with SigLIP and Qwen2
+        vlm, tower, llm = {
+            "llava-next": ("LlavaNext", "CLIPVision", "Llama"),
+            "llava-onevision": ("LlavaOnevision", "SiglipVision", "Qwen2"),
+        }[name]
+        cfg = getattr(t, f"{vlm}Config")(
+            vision_config=getattr(t, f"{tower}Config")(**_CLIP),
+            text_config=getattr(t, f"{llm}Config")(**_TEXT),
             image_token_id=IMAGE,
             vision_feature_layer=-1,
-            image_grid_pinpoints=pins,
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
         )
-        return _quiet(t.LlavaOnevisionForConditionalGeneration, cfg)
+        return _quiet(getattr(t, f"{vlm}ForConditionalGeneration"), cfg)
     prefix = {"qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2_5_VL"}[name]
     vis = dict(
         depth=2,

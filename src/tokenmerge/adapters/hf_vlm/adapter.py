@@ -7,10 +7,11 @@ import dataclasses
 from torch import nn
 
 from ...methods.base import Method
+from ...methods.projector import ProjectorMethod
 from ..base import ADAPTERS, Adapter, Target, UnsupportedModelError
 from ..hf_decoder.adapter import decoder_target
 from ..hf_vision import HFVision
-from .families import VLMS, parts_of
+from .families import VLMS, VLMParts, parts_of
 from .runtime import _VLMRuntime
 
 
@@ -29,8 +30,10 @@ class VLMAdapter(Adapter):
         return type(model).__name__ in VLMS
 
     def target(self, model: nn.Module) -> Target:
-        parts = parts_of(model)
-        target, rt = decoder_target(
+        return self._target(model, parts_of(model))[0]
+
+    def _target(self, model: nn.Module, parts: VLMParts) -> tuple[Target, _VLMRuntime]:
+        return decoder_target(
             self.family,
             model,
             parts.language_model,
@@ -38,24 +41,28 @@ class VLMAdapter(Adapter):
             parts.attn_cls,
             lambda m, inner, layers: _VLMRuntime(m, inner, layers, parts),
         )
-        target.pre_hooks += rt.saliency.pre_hooks()
-        target.post_hooks += rt.saliency.post_hooks()
-        # DyMU's virtual unmerging (inactive unless a projector method asks for it)
-        target.pre_hooks += [(a, lambda p: rt.attn_expand) for a in rt.attns]
-        target.post_hooks += [(a, lambda p: rt.attn_merge) for a in rt.attns]
-        if parts.layout == "anyres" and rt.saliency.error is None:
-            original = parts.base.get_image_features
-            wrap = rt.saliency.wrap_image_features
-            target.extra_patches.append(
-                (parts.base, "get_image_features", lambda p: wrap(original))
-            )
-        return target
 
     def target_for(self, model: nn.Module, method: Method) -> Target:
-        target = self.target(model)
+        """The decoder runtime's hooks, plus only what ``method`` uses: the tower's attention
+        (saliency methods), VTU's attention expansion, or the tower's blocks (encoder methods),
+        so other forwards carry no idle hooks and the tower stays unclaimed."""
+        parts = parts_of(model)
+        target, rt = self._target(model, parts)
+        if isinstance(method, ProjectorMethod):
+            if "saliency" in method.visual_needs and rt.saliency.error is None:
+                target.pre_hooks += rt.saliency.pre_hooks()
+                target.post_hooks += rt.saliency.post_hooks()
+                if parts.layout == "anyres":
+                    original = parts.base.get_image_features
+                    wrap = rt.saliency.wrap_image_features
+                    target.extra_patches.append(
+                        (parts.base, "get_image_features", lambda p: wrap(original))
+                    )
+            if method.vtu:  # DyMU's virtual unmerging
+                target.pre_hooks += [(a, lambda p: rt.attn_expand) for a in rt.attns]
+                target.post_hooks += [(a, lambda p: rt.attn_merge) for a in rt.attns]
         if method.site != "block":
             return target
-        parts = parts_of(model)
         if parts.layout != "grid":
             raise UnsupportedModelError(
                 f"{method.name} merges inside the vision tower; the hf-vlm adapter hands tower "

@@ -137,6 +137,33 @@ def test_report_written_and_remade(setup, tmp_path):
     assert main(["report", str(tmp_path / "vlm.json")]) == 0
 
 
+def test_winners_ignore_types_answered_at_chance():
+    from tokenmerge.eval.vlm.report import measured_accuracy, winners
+
+    n_by = dict.fromkeys(KINDS, 20)
+    chance = {"colour": 1 / 6, "shape": 0.25, "count": 0.2, "position": 0.5, "class": 0.1}
+
+    def row(method, per, keep=57):
+        acc = sum(per.values()) / len(per)
+        return {"method": method, "keep": keep, "acc": acc, "acc_se": 0.02, "agreement": 0.8,
+                "flops_ratio": 0.3, **{f"acc_{k}": v for k, v in per.items()}}  # fmt: skip
+
+    base = row("unreduced", {"colour": 0.4, "shape": 0.5, "count": 0.5, "position": 0.5,
+                             "class": 0.1}, keep=256)  # fmt: skip
+    # "lucky" is ahead overall only through the two types the unreduced model guesses
+    lucky = row("lucky", {"colour": 0.2, "shape": 0.3, "count": 0.3, "position": 0.9,
+                          "class": 0.9})  # fmt: skip
+    good = row("good", {"colour": 0.4, "shape": 0.5, "count": 0.45, "position": 0.5,
+                        "class": 0.1})  # fmt: skip
+    assert lucky["acc"] > good["acc"]
+    text = winners([base, lucky, good], chance, n_by)
+    assert "**57 tokens**: good" in text and "position, class left out" in text
+    assert "**57 tokens**: lucky" in winners([base, lucky, good])  # overall accuracy
+    p, se = measured_accuracy(good, ["colour", "shape", "count"], n_by)
+    assert p == pytest.approx((0.4 + 0.5 + 0.45) / 3)
+    assert se == pytest.approx((p * (1 - p) / 60) ** 0.5)
+
+
 def test_questions_balanced():
     images, items = vb.make_questions(10, "test", seed=0)
     assert [sum(it["kind"] == k for it in items) for k in KINDS] == [2] * 5

@@ -39,20 +39,61 @@ def _f(v: float | None, se: float | None = None, d: int = 3) -> str:
     return f"{v:.{d}f}" if se is None else f"{v:.{d}f} ± {se:.{d}f}"
 
 
-def winners(rows: list[dict[str, Any]]) -> str:
-    """One line per budget: the most accurate method, and those within one standard error."""
-    lines = []
+def measured_accuracy(
+    row: dict[str, Any], kinds: list[str], n_by_type: dict[str, int]
+) -> tuple[float | None, float | None]:
+    """Accuracy over the questions of `kinds` only (from the per-type accuracies, weighted by
+    their question counts), with its binomial standard error."""
+    n = sum(n_by_type.get(k, 0) for k in kinds if row.get(f"acc_{k}") is not None)
+    if not n:
+        return None, None
+    p = sum(row[f"acc_{k}"] * n_by_type[k] for k in kinds if row.get(f"acc_{k}") is not None) / n
+    return p, (p * (1 - p) / n) ** 0.5
+
+
+def winners(
+    rows: list[dict[str, Any]],
+    chance: dict[str, float] | None = None,
+    n_by_type: dict[str, int] | None = None,
+) -> str:
+    """One line per budget: the most accurate method, and those within one standard error.
+
+    With `chance` and `n_by_type`, accuracy is taken over the question types the unreduced
+    model answers above chance only (:func:`near_chance`): on the others any answer is a guess,
+    and their noise would pick the winner."""
+    if not rows or rows[0]["method"] != "unreduced":
+        return ""
+    skip = near_chance(rows, chance) if chance is not None and n_by_type is not None else []
+    kinds = [k for k in KINDS if k not in skip]
+    if skip and kinds:
+
+        def acc(r: dict[str, Any]) -> tuple[float | None, float | None]:
+            return measured_accuracy(r, kinds, n_by_type or {})
+
+        lines = [
+            f"Ranked by accuracy on {', '.join(kinds)} only (the unreduced model: "
+            f"{_f(acc(rows[0])[0])}); {', '.join(skip)} left out, answered at chance.\n"
+        ]
+    else:
+
+        def acc(r: dict[str, Any]) -> tuple[float | None, float | None]:
+            return r.get("acc"), r.get("acc_se")
+
+        lines = []
+    base = acc(rows[0])[0]
     for keep in sorted({r["keep"] for r in rows if r["method"] != "unreduced"}, reverse=True):
-        at = [r for r in rows if r["keep"] == keep and r.get("acc") is not None]
-        if not at or rows[0]["method"] != "unreduced":
+        at = [(r, *acc(r)) for r in rows if r["keep"] == keep and r.get("acc") is not None]
+        at = [(r, a, se) for r, a, se in at if a is not None]
+        if not at:
             continue
-        best = max(at, key=lambda r: (r["acc"], r["agreement"]))
-        lo = best["acc"] - (best["acc_se"] or 0.0)
-        tied = [r["method"] for r in at if r is not best and r["acc"] + (r["acc_se"] or 0) >= lo]
-        cheap = min(at, key=lambda r: r["flops_ratio"])
+        best, a, se = max(at, key=lambda x: (x[1], x[0]["agreement"]))
+        lo = a - (se or 0.0)
+        tied = [r["method"] for r, a2, se2 in at if r is not best and a2 + (se2 or 0) >= lo]
+        cheap = min((x[0] for x in at), key=lambda r: r["flops_ratio"])
+        pct = 100 * a / base if base else None
         text = (
-            f"- **{keep} tokens**: {best['method']} at {_f(best['acc'], best['acc_se'])} "
-            f"({_f(best.get('pct_full'), d=0)}% of full, agreement {_f(best['agreement'], d=2)})"
+            f"- **{keep} tokens**: {best['method']} at {_f(a, se)} "
+            f"({_f(pct, d=0)}% of full, agreement {_f(best['agreement'], d=2)})"
         )
         text += f"; within one standard error: {', '.join(tied)}" if tied else "; alone"
         text += f". Fewest FLOPs: {cheap['method']} ({_f(cheap['flops_ratio'], d=2)})."
@@ -224,7 +265,7 @@ def markdown(cfg: Any, result: dict[str, Any], meta: dict[str, Any]) -> str:
         )
     )
     parts = [f"# tokenmerge bench: {cfg.model} (visual token reduction)\n", notes]
-    parts += ["## Which method wins\n", winners(rows), ""]
+    parts += ["## Which method wins\n", winners(rows, result["chance"], n_by), ""]
     parts += ["## Which question type breaks first\n", breaks_first(rows, result["chance"]), ""]
     parts += [_ret_table(rows)]
     parts += ["## Counting and merging\n", counting(rows, n_by, result["chance"]), ""]

@@ -5,6 +5,8 @@ batched inputs that mix image sizes (so images have different token counts).
 ``attention_mask`` (left padding) and the class's pixel arguments, usable for a forward and
 for ``generate``. ``inputs_for(name, model, which)`` builds the inputs of a sub-batch
 (``which``: sample indices), exactly as the same samples are built in the full batch.
+``video_inputs_for`` does the same with one video clip per sample (clips of different
+lengths, except for LLaVA-OneVision, whose video tensor gives every clip the same frames).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import warnings
 import torch
 
 VLM_NAMES = ("llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
+#: the classes with video input (LLaVA: a clip is its frames given as images, back to back)
+VIDEO_NAMES = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
 IMG = 32  # vision tower input side (patch 8 -> 4x4 = 16 tokens per tile)
-IMAGE, VSTART, VEND, PAD = 99, 97, 98, 0
+IMAGE, VIDEO, VSTART, VEND, PAD = 99, 96, 97, 98, 0
 _TEXT = dict(
     hidden_size=32,
     num_hidden_layers=3,
@@ -69,6 +73,7 @@ def _build(name: str):
             image_token_id=IMAGE,
             vision_feature_layer=-1,
             image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+            **({"video_token_id": VIDEO} if name == "llava-onevision" else {}),
         )
         return _quiet(getattr(t, f"{vlm}ForConditionalGeneration"), cfg)
     prefix = {"qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2_5_VL"}[name]
@@ -93,7 +98,7 @@ def _build(name: str):
         vision_config=vis,
         text_config=dict(_TEXT, rope_parameters=rope),
         image_token_id=IMAGE,
-        video_token_id=96,
+        video_token_id=VIDEO,
         vision_start_token_id=VSTART,
         vision_end_token_id=VEND,
     )
@@ -162,6 +167,56 @@ def inputs_for(name: str, model, which: list[int], seed: int = 0) -> dict:
     out = {"input_ids": ids, "attention_mask": mask, **pixels}
     if qwen:
         out["mm_token_type_ids"] = (ids == IMAGE).long()
+    return out
+
+
+#: per sample: (prompt before the clip, its frames, prompt after it)
+_CLIPS = [([1, 5], 2, [7, 8]), ([1], 3, [9]), ([1, 6, 6], 2, [8])]
+QWEN_VIDEO = 16  # Qwen2-VL video frames: 16 x 16 px -> 4 x 4 patches -> 2 x 2 merged tokens
+
+
+def clip_frames(name: str, i: int) -> int:
+    """Frames of sample ``i``'s clip (Qwen2-VL: temporal patches of 2 frames each)."""
+    return 2 if name == "llava-onevision" else _CLIPS[i][1]
+
+
+def video_inputs_for(name: str, which: list[int], seed: int = 0) -> dict:
+    """Inputs of the samples ``which``, one clip each (left-padded to the longest)."""
+    clips = []
+    for i in which:  # drawn per sample, so a sample's pixels do not depend on the batch
+        g = torch.Generator().manual_seed(seed + 20 + i)
+        f = clip_frames(name, i)
+        if name.startswith("qwen"):
+            side = QWEN_VIDEO // 4
+            clips.append(torch.randn(f * side * side, 3 * 2 * 4 * 4, generator=g))
+        else:
+            clips.append(torch.randn(f, 3, IMG, IMG, generator=g))
+    seqs = []
+    for i in which:
+        f = clip_frames(name, i)
+        if name == "llava":
+            tokens = [IMAGE] * (16 * f)
+        elif name == "llava-onevision":
+            tokens = [VIDEO] * (4 * f + 1)  # 2x2-pooled frames, then image_newline
+        else:
+            tokens = [VSTART, *[VIDEO] * (4 * f), VEND]
+        before, _, after = _CLIPS[i]
+        seqs.append(before + tokens + after)
+    length = max(len(s) for s in seqs)
+    ids = torch.tensor([[PAD] * (length - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in seqs])
+    out = {"input_ids": ids, "attention_mask": mask}
+    if name == "llava":
+        out["pixel_values"] = torch.cat(clips)
+    elif name == "llava-onevision":
+        out["pixel_values_videos"] = torch.stack(clips)
+    else:
+        side = QWEN_VIDEO // 4
+        out["pixel_values_videos"] = torch.cat(clips)
+        out["video_grid_thw"] = torch.tensor([[clip_frames(name, i), side, side] for i in which])
+        out["mm_token_type_ids"] = 2 * (ids == VIDEO).long()
+        if name == "qwen2.5-vl":  # temporal positions spaced by tokens_per_second ticks
+            out["second_per_grid_ts"] = torch.ones(len(which))
     return out
 
 

@@ -39,6 +39,9 @@ class VLMParts:
         layer_cls, attn_cls: its decoder layer and attention classes.
         vision_tower: the vision encoder.
         image_token_id: the placeholder id of a visual token in ``input_ids``.
+        video_token_id: the placeholder id of a video's visual token (LLaVA-OneVision,
+            Qwen2-VL), or ``None`` for classes without video input (LLaVA, LLaVA-NeXT: there
+            a clip is its frames given as images, back to back).
         cls_token: the vision tower prepends a CLS token (CLIP, DINOv2; not SigLIP), which
             ``vision_feature_select_strategy="full"`` passes on as a visual token.
     """
@@ -51,6 +54,7 @@ class VLMParts:
     vision_tower: nn.Module
     image_token_id: int
     cls_token: bool
+    video_token_id: int | None = None
 
 
 def parts_of(model: nn.Module) -> VLMParts:
@@ -86,4 +90,8 @@ def parts_of(model: nn.Module) -> VLMParts:
     if token is None:
         raise UnsupportedModelError(f"{name}: its config names no image_token_id")
     cls_token = not any(c.startswith("Siglip") for c in class_names(tower))
-    return VLMParts(VLMS[name], base, lm, layer_cls, attn_cls, tower, int(token), cls_token)
+    video = getattr(model.config, "video_token_id", None)
+    if video is None:
+        video = getattr(model.config, "video_token_index", None)
+    video = None if video is None else int(video)
+    return VLMParts(VLMS[name], base, lm, layer_cls, attn_cls, tower, int(token), cls_token, video)

@@ -111,7 +111,7 @@ class _VLMRuntime(_Runtime):
         call = self._call.get()
         ids = None if call is None else call.ids
         if ids is not None and ids.shape[1] == run.input_valid.shape[1]:
-            run.span_input = (ids == self.parts.image_token_id) & run.input_valid
+            run.span_input = self._visual_ids(ids) & run.input_valid
         proj = self.projector
         if proj is None and not self._tower_merges():
             super()._schedule(run)
@@ -125,6 +125,12 @@ class _VLMRuntime(_Runtime):
                 f"{proj.name} needs input_ids to find the image tokens (this call passed "
                 "inputs_embeds only)"
             )
+
+    def _visual_ids(self, ids: Tensor, video_only: bool = False) -> Tensor:
+        """``[B, q]`` the placeholders of visual tokens: image and video ones (or video only)."""
+        video = self.parts.video_token_id
+        vid = ids == video if video is not None else torch.zeros_like(ids, dtype=torch.bool)
+        return vid if video_only else vid | (ids == self.parts.image_token_id)
 
     # -------------------------------------------------------------- VTU's attention
     def attn_expand(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -180,7 +186,9 @@ class _VLMRuntime(_Runtime):
                 images = layout.grid_images(spans, side, cls)
             else:
                 newline = (x == base.image_newline.to(x.dtype)).all(-1)
-                images = layout.anyres_images(spans, newline, side, cls)
+                call = self._call.get()
+                video = None if call is None else self._visual_ids(call.ids, video_only=True)
+                images = layout.anyres_images(spans, newline, side, cls, video)
         return layout.pack(images, x.device)
 
     def _visual(
@@ -193,6 +201,7 @@ class _VLMRuntime(_Runtime):
             coord=units.coord,
             part=units.part,
             grid=units.grid,
+            frames=units.frames,
         )
         if "saliency" in needs:
             v.saliency = self._saliency(units)
@@ -213,6 +222,12 @@ class _VLMRuntime(_Runtime):
         tower merged (handed on as copies of one value, dense mode) become one token again,
         the first copy at its position; tokens it pruned are dropped. Returns the reduction and
         the tokens each image must keep (what the tower kept)."""
+        if bool((units.frames > 1).any()):
+            raise ValueError(
+                f"{self.method.name} merges inside the vision tower, frame by frame: a video "
+                "clip's frames are not supported there; reduce clips at the projector site "
+                "(tm.get_method('random_proj' / 'downsample_proj' / ..., ratio=...))"
+            )
         st = self.patch.state
         if st is None or len(units) != st.pos.shape[0]:
             raise self._error("the vision tower's token state does not match the images")
@@ -239,12 +254,22 @@ class _VLMRuntime(_Runtime):
         sal = self.saliency.take()
         if sal is None:
             raise self._error("the vision tower's feature-layer attention was not captured")
+        if self.parts.layout == "anyres" and bool((units.frames > 1).any()):
+            raise ValueError(
+                "the vision tower's saliency of LLaVA-OneVision video frames is not supported "
+                "(the frames are 2x2-pooled after the projector); reduce videos with a method "
+                "that needs no saliency (random_proj, downsample_proj, m3_proj, dart, divprune, "
+                "aim_merge)"
+            )
         maps = self.saliency.per_image(sal)
-        if len(maps) != len(units):
-            raise self._error(f"{len(maps)} saliency maps for {len(units)} images")
+        if len(maps) != int(units.towers.sum()):
+            raise self._error(f"{len(maps)} saliency maps for {int(units.towers.sum())} images")
         out = torch.zeros(units.valid.shape, dtype=sal.dtype, device=sal.device)
-        for j, m in enumerate(maps):
+        first = 0
+        for j, count in enumerate(units.towers.tolist()):  # a clip's frames, one after another
+            m = torch.cat(maps[first : first + count])
             out[j, : m.shape[0]] = m
+            first += count
         return out
 
     def _reduce_units(

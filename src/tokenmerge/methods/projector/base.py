@@ -40,7 +40,7 @@ PROJECTOR_NEEDS = frozenset({"saliency", "text"})
 
 @dataclass
 class VisualTokens:
-    """The visual tokens of ``U`` images (one per row, right-padded to ``n``).
+    """The visual tokens of ``U`` images or video clips (one per row, right-padded to ``n``).
 
     Attributes:
         x: ``[U, n, C]`` the projector's outputs, i.e. the LLM's input embeddings of the image.
@@ -54,6 +54,9 @@ class VisualTokens:
             image, ``1`` = the AnyRes tiles; otherwise ``0``); ``-1`` for protected/padding.
             Pooling never mixes parts.
         grid: ``[U, P, 2]`` long ``(rows, cols)`` of each part (``0, 0`` when absent).
+        frames: ``[U]`` long, the frames of each row: ``1`` for an image; for a video clip
+            ``F > 1``, and then part ``f`` is frame ``f`` (tokens of one frame share a part,
+            ``coord`` is the position within the frame). ``None``: every row is an image.
         saliency: ``[U, n]`` the vision tower's attention to each token at its feature layer
             (the CLS token's attention averaged over heads, or, for towers without CLS, the
             mean attention received), or ``None`` when the method did not ask for it.
@@ -69,6 +72,7 @@ class VisualTokens:
     coord: Tensor
     part: Tensor
     grid: Tensor
+    frames: Tensor | None = None
     saliency: Tensor | None = None
     text: Tensor | None = None
     text_valid: Tensor | None = None

@@ -15,6 +15,7 @@ from tokenmerge.methods.base import REGISTRY
 from tokenmerge.methods.projector import (
     DART,
     PROJECTOR_METHODS,
+    VIDEO_METHODS,
     AIMMerge,
     DivPrune,
     DownsampleProj,
@@ -26,7 +27,9 @@ from tokenmerge.methods.projector import (
 )
 from tokenmerge.methods.projector.random_proj import mix64
 
-PROJECTOR = sorted(n for n, c in REGISTRY.items() if c.site == "projector")
+ALL_PROJECTOR = sorted(n for n, c in REGISTRY.items() if c.site == "projector")
+#: the image methods (the video-only ones are tested on clips in test_vlm_video.py)
+PROJECTOR = [n for n in ALL_PROJECTOR if not REGISTRY[n].video_only]
 DIM = 6
 
 
@@ -465,6 +468,7 @@ def test_random_proj_hash_is_splitmix64_and_draws_are_uniform():
 def test_projector_methods_tuple_lists_every_registered_method():
     assert sorted(PROJECTOR_METHODS) == PROJECTOR
     assert len(set(PROJECTOR_METHODS)) == len(PROJECTOR_METHODS)
+    assert sorted(PROJECTOR_METHODS + VIDEO_METHODS) == ALL_PROJECTOR
 
 
 def make(name: str, ratio: float):

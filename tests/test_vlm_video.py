@@ -21,8 +21,12 @@ from tokenmerge.methods.projector.random_proj import RandomProj
 
 #: per frame: (rows, cols) of its token grid, in each model's layout
 FRAME_GRID = {"llava": (4, 4), "llava-onevision": (2, 2), "qwen2-vl": (2, 2), "qwen2.5-vl": (2, 2)}
-METHODS = ["random_proj", "downsample_proj", "dart", "aim_merge", "fastv"]
+METHODS = ["random_proj", "downsample_proj", "frame_subsample", "dart", "aim_merge", "fastv"]
 SAMPLES = [0, 1, 2]
+
+
+def frames_of(name: str) -> torch.Tensor:
+    return torch.tensor([clip_frames(name, i) for i in SAMPLES])
 
 
 def _visual(name: str, ids: torch.Tensor) -> torch.Tensor:
@@ -90,8 +94,16 @@ def test_reduces_clips_batch_independent(clip, method):
         if method == "downsample_proj":  # each frame's grid pooled on its own: sqrt(1/2) a side
             rows, cols = FRAME_GRID[name]
             per = round(rows * 0.5**0.5) * round(cols * 0.5**0.5)
-            frames = torch.tensor([clip_frames(name, i) for i in SAMPLES])
-            assert kept.tolist() == (frames * per + newline).tolist()
+            assert kept.tolist() == (frames_of(name) * per + newline).tolist()
+        elif method == "frame_subsample":  # whole frames: K of F, K = round(F keep / m)
+            per = reducible // frames_of(name)
+            want = [
+                max(1, min(f, round(f * round(r * 0.5) / r))) * p + newline
+                for f, r, p in zip(
+                    frames_of(name).tolist(), reducible.tolist(), per.tolist(), strict=True
+                )
+            ]
+            assert kept.tolist() == want
         elif method != "fastv":  # the last layer holds half of every clip
             assert kept.tolist() == (torch.round(reducible * 0.5).long() + newline).tolist()
         else:
@@ -177,3 +189,67 @@ def test_tower_methods_refused_on_clips():
     refused = pytest.raises(ValueError, match="video clip's frames are not supported")
     with tm.patched(model, tm.ToMe(r=2)), torch.no_grad(), refused:
         model(**inputs)
+
+
+def test_frame_subsample_refuses_images():
+    model, inputs = make("llava")  # one image per sample
+    refused = pytest.raises(ValueError, match=r"video clips only.*3 image\(s\).*random_proj")
+    with tm.patched(model, tm.get_method("frame_subsample", ratio=0.5)), torch.no_grad(), refused:
+        model(**inputs)
+
+
+def _clips(frames: list[int], rows: int = 2, cols: int = 3, newline: bool = True):
+    """VisualTokens of clips of `frames` frames of a rows x cols grid each, right-padded, the
+    first clip ending in a protected token."""
+    from tokenmerge.methods.projector import VisualTokens
+
+    per = rows * cols
+    n = max(frames) * per + 1
+    u = len(frames)
+    valid = torch.zeros(u, n, dtype=torch.bool)
+    prot = torch.zeros_like(valid)
+    part = torch.full((u, n), -1)
+    coord = torch.full((u, n, 2), -1)
+    for j, f in enumerate(frames):
+        valid[j, : f * per] = True
+        ar = torch.arange(f * per)
+        part[j, : f * per] = ar // per
+        coord[j, : f * per] = torch.stack([(ar % per) // cols, ar % cols], -1)
+        if newline and j == 0:
+            valid[j, f * per] = prot[j, f * per] = True
+    grid = torch.tensor([rows, cols]).expand(u, max(frames), 2)
+    x = torch.randn(u, n, 4, generator=torch.Generator().manual_seed(0))
+    return VisualTokens(x, valid, prot, coord, part, grid, frames=torch.tensor(frames))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.75, 0.9, 0.99])
+def test_frame_subsample_matches_reference(ratio):
+    """Reference: K = clamp(round(F keep / m), 1, F) frames, the middle frame of each of K equal
+    segments, every token of those frames kept, protected tokens kept, padding dropped."""
+    from tokenmerge.methods.projector import FrameSubsample
+
+    frames = [1, 2, 3, 5, 8, 12, 7]
+    v = _clips(frames)
+    method = FrameSubsample(ratio=ratio)
+    cand = v.candidates
+    keep = method.keep_count(cand.sum(1))
+    red = method.select(v, keep)
+    _, kept = red.destination()
+    for j, f in enumerate(frames):
+        m = int(cand[j].sum())
+        k = max(1, min(f, round(f * int(keep[j]) / m)))
+        segment = f / k
+        chosen = {int((i + 0.5) * segment) for i in range(k)}
+        assert len(chosen) == k
+        for t in range(v.x.shape[1]):
+            if not v.valid[j, t]:
+                want = False
+            elif v.protected[j, t]:
+                want = True
+            else:
+                want = int(v.part[j, t]) in chosen
+            assert bool(kept[j, t]) == want, (f, k, t)
+    # a pruning: each kept token's value is its own
+    out, size = red.apply(v.x, v.valid.float())
+    got = out[size > 0]
+    torch.testing.assert_close(got, v.x[kept & v.valid])

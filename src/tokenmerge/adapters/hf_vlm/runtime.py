@@ -283,6 +283,12 @@ class _VLMRuntime(_Runtime):
             red, want = self._tower_groups(units)
             exact = True
         else:
+            if method.video_only and bool((units.frames == 1).any()):
+                raise ValueError(
+                    f"{method.name} reduces video clips only, and this input holds "
+                    f"{int((units.frames == 1).sum())} image(s): reduce images with an image "
+                    "method (random_proj, downsample_proj, ...)"
+                )
             v = self._visual(run, x, units, method.visual_needs)
             cand = v.candidates
             keep = method.keep_count(cand.sum(1))

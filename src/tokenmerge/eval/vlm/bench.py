@@ -65,9 +65,13 @@ class VLMBenchConfig:
 
 
 def vlm_methods() -> list[str]:
-    """The registered methods that reduce a VLM's visual tokens (projector and decoder
-    sites)."""
-    return [n for n, c in REGISTRY.items() if c.site in ("projector", "decoder")]
+    """The registered methods that reduce an image's visual tokens (projector and decoder
+    sites; the video-only ones are not)."""
+    return [
+        n
+        for n, c in REGISTRY.items()
+        if c.site in ("projector", "decoder") and not getattr(c, "video_only", False)
+    ]
 
 
 def validate(cfg: VLMBenchConfig) -> None:

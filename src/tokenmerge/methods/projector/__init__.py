@@ -12,6 +12,7 @@ from .base import PROJECTOR_NEEDS, ProjectorMethod, VisualTokens, keep_targets, 
 from .dart import DART
 from .divprune import DivPrune
 from .downsample_proj import DownsampleProj
+from .frame_subsample import FrameSubsample
 from .m3_proj import M3Proj
 from .random_proj import RandomProj
 from .recoverable import RecoverableCompression
@@ -34,14 +35,18 @@ PROJECTOR_METHODS = (
     "visionzip_proj",
     "recoverable",
 )
+#: the methods for video clips only (``video_only``), kept out of the image benchmark
+VIDEO_METHODS = ("frame_subsample",)
 
 __all__ = [
     "DART",
     "PROJECTOR_METHODS",
     "PROJECTOR_NEEDS",
+    "VIDEO_METHODS",
     "AIMMerge",
     "DivPrune",
     "DownsampleProj",
+    "FrameSubsample",
     "M3Proj",
     "ProjectorMethod",
     "RandomProj",

@@ -127,6 +127,8 @@ class ProjectorMethod(Method):
     needs: ClassVar[frozenset[str]] = frozenset({"keys"})
     #: what the adapter must supply in :class:`VisualTokens` (subset of ``PROJECTOR_NEEDS``)
     visual_needs: ClassVar[frozenset[str]] = frozenset()
+    #: reduces video clips only (frames); the adapter refuses it on images
+    video_only: ClassVar[bool] = False
 
     ratio: float = 0.0
     vtu: bool = False

@@ -21,9 +21,7 @@ from tokenmerge.methods.base import REGISTRY
 from tokenmerge.methods.decoder import DECODER_METHODS
 
 #: the image methods (the video-only ones are tested in test_vlm_video.py)
-PROJECTOR = sorted(
-    n for n, c in REGISTRY.items() if c.site == "projector" and not c.video_only
-)
+PROJECTOR = sorted(n for n, c in REGISTRY.items() if c.site == "projector" and not c.video_only)
 #: DyMU's virtual unmerging on the merging methods (pruning ones are refused, tested below)
 VTU = ["aim_merge+vtu", "m3_proj+vtu", "downsample_proj+vtu"]
 

@@ -176,6 +176,7 @@ def test_questions_balanced():
     [
         (["--methods", "tome"], "accepted: "),
         (["--methods", "random_proj,nope"], "not a VLM method"),
+        (["--methods", "frame_subsample"], "video clips only"),
         (["--budgets", "256"], "from 1 to 255"),
         (["--budgets", "0"], "from 1 to 255"),
         (["--budgets", "half"], "visual tokens kept per image"),

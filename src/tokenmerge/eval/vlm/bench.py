@@ -79,9 +79,12 @@ def validate(cfg: VLMBenchConfig) -> None:
     accepted = vlm_methods()
     for m in cfg.methods:
         if m not in accepted:
-            raise ValueError(
-                f"--methods: {m!r} is not a VLM method; accepted: {', '.join(accepted)}"
+            what = (
+                "reduces video clips only, and this bench asks about images"
+                if getattr(REGISTRY.get(m), "video_only", False)
+                else "is not a VLM method"
             )
+            raise ValueError(f"--methods: {m!r} {what}; accepted: {', '.join(accepted)}")
     if not cfg.methods:
         raise ValueError(f"--methods: give at least one of {', '.join(accepted)}")
     for k in cfg.keeps:

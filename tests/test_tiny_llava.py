@@ -153,3 +153,31 @@ def test_training_forward_equals_the_stock_forward(vlm) -> None:
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
     # the LM head on a subset of rows rounds differently (GEMM blocking), hence the looser bound
     torch.testing.assert_close(at_last, stock[:, -1], rtol=0, atol=2e-4)
+
+
+@real
+def test_clips_of_frames_are_reduced_as_clips(vlm) -> None:
+    """Frames given back to back are one clip to the adapter: frame_subsample keeps whole
+    frames of each clip (clips of 2 and 3 frames in one batch), and budget 0 is exact."""
+    import tokenmerge as tm
+    from tokenmerge.adapters.hf_decoder import runtime_of
+    from tokenmerge.eval.vlm.clips import make_clip
+
+    model, inputs = vlm
+    clips = [make_clip(0, "test", frames=2).frames, make_clip(1, "test", frames=3).frames]
+    batch = inputs.clips(clips, ["What changed in the video?", "How many shapes appeared?"])
+    image = batch["input_ids"] == inputs.image_token_id
+    assert image.sum(1).tolist() == [2 * N_IMAGE_TOKENS, 3 * N_IMAGE_TOKENS]
+    assert batch["pixel_values"].shape == (5, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(**batch).logits[:, -1]
+        with tm.patched(model, tm.get_method("frame_subsample", ratio=0.0)):
+            assert torch.equal(model(**batch).logits[:, -1], ref)
+        with tm.patched(model, tm.get_method("frame_subsample", ratio=0.5)):
+            model(**batch)
+            kept = runtime_of(model).last.valid.sum(1)
+    text = batch["attention_mask"].sum(1) - image.sum(1)
+    # 2 frames -> 1 kept; 3 frames -> round(1.5) = 2 kept, each with all of its tokens
+    assert (kept - text).tolist() == [N_IMAGE_TOKENS, 2 * N_IMAGE_TOKENS]
+    with pytest.raises(ValueError, match="questions"):
+        inputs.clips(clips, ["one question"])

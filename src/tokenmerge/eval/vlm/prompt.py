@@ -84,9 +84,22 @@ class TinyLlavaInputs:
     def batch(self, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` (left padding, for batched generation) and
         ``pixel_values`` for one question per image."""
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        rows = [encode(self.tokenizer, [(q, None)], self.n_image_tokens)[0] for q in questions]
+        return self.clips([[im] for im in images], questions)
+
+    def clips(
+        self, clips: Sequence[Sequence[Any]], questions: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """The same for one question per video clip: a clip's frames are images given back to
+        back (``len(frames) x 256`` placeholders with nothing between them), which the VLM
+        adapter reduces as one clip; ``pixel_values`` holds every frame, clip after clip."""
+        if len(clips) != len(questions):
+            raise ValueError(f"{len(clips)} images or clips but {len(questions)} questions")
+        if any(len(c) == 0 for c in clips):
+            raise ValueError("every clip needs at least one frame")
+        rows = [
+            encode(self.tokenizer, [(q, None)], self.n_image_tokens * len(c))[0]
+            for c, q in zip(clips, questions, strict=True)
+        ]
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -97,7 +110,7 @@ class TinyLlavaInputs:
         return {
             "input_ids": ids,
             "attention_mask": attention,
-            "pixel_values": self.preprocess(list(images)),
+            "pixel_values": self.preprocess([f for c in clips for f in c]),
         }
 
     def answers(self, generated: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[str]:

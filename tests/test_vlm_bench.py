@@ -164,6 +164,19 @@ def test_winners_ignore_types_answered_at_chance():
     assert se == pytest.approx((p * (1 - p) / 60) ** 0.5)
 
 
+def test_breaks_first_names_measured_types_only():
+    from tokenmerge.eval.vlm.report import breaks_first
+
+    chance = {"colour": 1 / 6, "shape": 0.25, "count": 0.2, "position": 0.5, "class": 0.1}
+    base = {"method": "unreduced", "keep": 256, "acc_colour": 0.4, "acc_shape": 0.5,
+            "acc_count": 0.5, "acc_position": 0.5, "acc_class": 0.1}  # fmt: skip
+    pct = {"colour": 50.0, "shape": 60.0, "count": 95.0, "position": 40.0, "class": 300.0}
+    row = {"method": "m", "keep": 57, **{f"pct_{k}": v for k, v in pct.items()}}
+    text = breaks_first([base, row], chance)
+    assert text.startswith("**colour, shape** break first: at 57 tokens")
+    assert "Never below 90%: count." in text and "Left out: position, class" in text
+
+
 def test_questions_balanced():
     images, items = vb.make_questions(10, "test", seed=0)
     assert [sum(it["kind"] == k for it in items) for k in KINDS] == [2] * 5

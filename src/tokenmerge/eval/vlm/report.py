@@ -157,9 +157,10 @@ def breaks_first(rows: list[dict[str, Any]], chance: dict[str, float] | None = N
     rest = ", ".join(
         f"{k} at {v}" for k, v in sorted(broke.items(), key=lambda x: -x[1]) if k not in at
     )
-    held = [k for k in KINDS if k not in broke]
+    held = [k for k in ret if k not in broke]  # the measured types that never broke
+    verb = "breaks" if len(at) == 1 else "break"
     return (
-        f"**{' and '.join(at)}** breaks first: at {first} tokens the median method keeps "
+        f"**{', '.join(at)}** {verb} first: at {first} tokens the median method keeps "
         f"{ret[at[0]][first]:.0f}% of the unreduced accuracy on it (below {BREAK_PCT:g}%)."
         + (f" Then: {rest}." if rest else "")
         + (f" Never below {BREAK_PCT:g}%: {', '.join(held)}." if held else "")

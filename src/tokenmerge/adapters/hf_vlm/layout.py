@@ -39,8 +39,6 @@ class Units:
         index: ``[U, n]`` input position of each token (0 for padding).
         valid, protected, coord, part, grid, frames: as in
             :class:`~tokenmerge.methods.projector.VisualTokens`.
-        towers: ``[U]`` vision-tower images each unit was encoded from (LLaVA-1.5: its
-            frames; LLaVA-NeXT/OneVision images: one, tiles included; Qwen2-VL: one).
     """
 
     sample: Tensor
@@ -51,7 +49,6 @@ class Units:
     part: Tensor
     grid: Tensor
     frames: Tensor
-    towers: Tensor
 
     def __len__(self) -> int:
         return int(self.sample.shape[0])
@@ -66,7 +63,6 @@ class _Image:
     part: list[int]
     grid: list[tuple[int, int]]  # per part
     frames: int = 1  # a video clip's frames (its parts), 1 for an image
-    towers: int = 1  # vision-tower images it was encoded from
 
 
 def _raster(rows: int, cols: int, part: int) -> tuple[list, list, list]:
@@ -125,7 +121,6 @@ def _add_frame(clip: _Image, frame: _Image, f: int) -> None:
     clip.part += [f if p >= 0 else -1 for p in frame.part]
     clip.grid += frame.grid
     clip.frames += 1
-    clip.towers += frame.towers
 
 
 def anyres_images(
@@ -201,7 +196,6 @@ def video_clip(b: int, start: int, stop: int, newline: Tensor, side: int, cls: b
     clip.protected.append(True)
     clip.coord.append((-1, -1))
     clip.part.append(-1)
-    clip.towers = 1  # the frames of one video are one entry of pixel_values_videos
     return clip
 
 
@@ -244,7 +238,6 @@ def pack(images: list[_Image], device: torch.device) -> Units:
     part = torch.full((u, n), -1, dtype=torch.long)
     grid = torch.zeros(u, p, 2, dtype=torch.long)
     frames = torch.tensor([i.frames for i in images], dtype=torch.long)
-    towers = torch.tensor([i.towers for i in images], dtype=torch.long)
     for j, img in enumerate(images):
         m = len(img.protected)
         index[j, :m] = torch.arange(img.start, img.start + m)
@@ -254,5 +247,5 @@ def pack(images: list[_Image], device: torch.device) -> Units:
         part[j, :m] = torch.tensor(img.part, dtype=torch.long)
         grid[j, : len(img.grid)] = torch.tensor(img.grid, dtype=torch.long)
     sample = torch.tensor([i.sample for i in images], dtype=torch.long)
-    fields = (sample, index, valid, prot, coord, part, grid, frames, towers)
+    fields = (sample, index, valid, prot, coord, part, grid, frames)
     return Units(*(t.to(device) for t in fields))

@@ -111,7 +111,8 @@ class _VLMRuntime(_Runtime):
         call = self._call.get()
         ids = None if call is None else call.ids
         if ids is not None and ids.shape[1] == run.input_valid.shape[1]:
-            run.span_input = self._visual_ids(ids) & run.input_valid
+            visual = self._video_ids(ids) | (ids == self.parts.image_token_id)
+            run.span_input = visual & run.input_valid
         proj = self.projector
         if proj is None and not self._tower_merges():
             super()._schedule(run)
@@ -126,11 +127,10 @@ class _VLMRuntime(_Runtime):
                 "inputs_embeds only)"
             )
 
-    def _visual_ids(self, ids: Tensor, video_only: bool = False) -> Tensor:
-        """``[B, q]`` the placeholders of visual tokens: image and video ones (or video only)."""
+    def _video_ids(self, ids: Tensor) -> Tensor:
+        """``[B, q]`` the video placeholders (none for a class without video input)."""
         video = self.parts.video_token_id
-        vid = ids == video if video is not None else torch.zeros_like(ids, dtype=torch.bool)
-        return vid if video_only else vid | (ids == self.parts.image_token_id)
+        return ids == video if video is not None else torch.zeros_like(ids, dtype=torch.bool)
 
     # -------------------------------------------------------------- VTU's attention
     def attn_expand(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -187,7 +187,7 @@ class _VLMRuntime(_Runtime):
             else:
                 newline = (x == base.image_newline.to(x.dtype)).all(-1)
                 call = self._call.get()
-                video = None if call is None else self._visual_ids(call.ids, video_only=True)
+                video = None if call is None else self._video_ids(call.ids)
                 images = layout.anyres_images(spans, newline, side, cls, video)
         return layout.pack(images, x.device)
 
@@ -262,11 +262,14 @@ class _VLMRuntime(_Runtime):
                 "aim_merge)"
             )
         maps = self.saliency.per_image(sal)
-        if len(maps) != int(units.towers.sum()):
-            raise self._error(f"{len(maps)} saliency maps for {int(units.towers.sum())} images")
+        # one map per tower image: a LLaVA-1.5 clip was encoded frame by frame, every other
+        # unit (an AnyRes image with its tiles, a Qwen2-VL image or video) as one entry
+        towers = units.frames if self.parts.layout == "grid" else torch.ones_like(units.frames)
+        if len(maps) != int(towers.sum()):
+            raise self._error(f"{len(maps)} saliency maps for {int(towers.sum())} images")
         out = torch.zeros(units.valid.shape, dtype=sal.dtype, device=sal.device)
         first = 0
-        for j, count in enumerate(units.towers.tolist()):  # a clip's frames, one after another
+        for j, count in enumerate(towers.tolist()):  # a clip's frames, one after another
             m = torch.cat(maps[first : first + count])
             out[j, : m.shape[0]] = m
             first += count

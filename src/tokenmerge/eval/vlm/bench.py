@@ -193,18 +193,19 @@ def planned_steps(cfg: VLMBenchConfig) -> int:
 def bootstrap_se(
     values: np.ndarray, base: np.ndarray | None = None, rounds: int = 1000, seed: int = 0
 ) -> float | None:
-    """Bootstrap standard error over questions of ``mean(values)``, or of
-    ``mean(values) / mean(base)`` (paired: the same resampled questions) when ``base`` is
-    given."""
+    """Bootstrap standard error over questions of ``mean(values)``
+    (:func:`tokenmerge.eval.metrics.bootstrap_se`), or of ``mean(values) / mean(base)``
+    (paired: the same resampled questions) when ``base`` is given; None under 2 questions."""
+    from ..metrics import bootstrap_se as plain
+
     n = len(values)
     if n < 2:
         return None
+    if base is None:
+        return plain(values, np.mean, resamples=rounds, seed=seed)
     idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
-    stat = values[idx].mean(1)
-    if base is not None:
-        den = base[idx].mean(1)
-        ok = den > 0
-        if not ok.any():
-            return None
-        stat = stat[ok] / den[ok]
-    return float(stat.std(ddof=1))
+    den = base[idx].mean(1)
+    ok = den > 0
+    if not ok.any():
+        return None
+    return float((values[idx].mean(1)[ok] / den[ok]).std(ddof=1))

@@ -65,21 +65,19 @@ def winners(
         return ""
     skip = near_chance(rows, chance) if chance is not None and n_by_type is not None else []
     kinds = [k for k in KINDS if k not in skip]
-    if skip and kinds:
+    measured = bool(skip and kinds)
 
-        def acc(r: dict[str, Any]) -> tuple[float | None, float | None]:
+    def acc(r: dict[str, Any]) -> tuple[float | None, float | None]:
+        if measured:
             return measured_accuracy(r, kinds, n_by_type or {})
+        return r.get("acc"), r.get("acc_se")
 
-        lines = [
+    lines = []
+    if measured:
+        lines.append(
             f"Ranked by accuracy on {', '.join(kinds)} only (the unreduced model: "
             f"{_f(acc(rows[0])[0])}); {', '.join(skip)} left out, answered at chance.\n"
-        ]
-    else:
-
-        def acc(r: dict[str, Any]) -> tuple[float | None, float | None]:
-            return r.get("acc"), r.get("acc_se")
-
-        lines = []
+        )
     base = acc(rows[0])[0]
     for keep in sorted({r["keep"] for r in rows if r["method"] != "unreduced"}, reverse=True):
         at = [(r, *acc(r)) for r in rows if r["keep"] == keep and r.get("acc") is not None]

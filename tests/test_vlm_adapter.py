@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_models import IMAGE, VLM_NAMES, inputs_for, make
+from vlm_models import IMAGE, VLM_NAMES, inputs_for, make, method_for, outputs
 
 import tokenmerge as tm
 from tokenmerge.adapters.base import UnsupportedModelError
@@ -29,30 +29,13 @@ VTU = ["aim_merge+vtu", "m3_proj+vtu", "downsample_proj+vtu"]
 @pytest.fixture(scope="module", params=VLM_NAMES)
 def vlm(request):
     model, inputs = make(request.param)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    return request.param, model, inputs, ref, gen
-
-
-def _method(name: str, ratio: float):
-    if name.endswith("+vtu"):
-        return REGISTRY[name[: -len("+vtu")]](ratio=ratio, vtu=True)
-    cls = REGISTRY[name]
-    if cls.site == "decoder":
-        return (
-            cls(ratio=ratio, layer=1) if name != "aim_prune" else cls(ratio=ratio, start=1, end=2)
-        )
-    return cls(ratio=ratio)
+    return request.param, model, inputs, *outputs(model, inputs)
 
 
 @pytest.mark.parametrize("method", PROJECTOR + VTU + list(DECODER_METHODS))
 def test_identity_at_zero_budget(vlm, method):
     _name, model, inputs, ref, gen = vlm
-    with tm.patched(model, _method(method, 0.0)):
-        with torch.no_grad():
-            out = model(**inputs).logits
-        again = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    out, again = outputs(model, inputs, method_for(method, 0.0))
     assert torch.equal(out, ref)
     assert torch.equal(again, gen)
 
@@ -62,7 +45,7 @@ def test_reduces_batch_independent_and_generates(vlm, method):
     name, model, inputs, _ref, _ = vlm
     ids = inputs["input_ids"]
     images = (ids == IMAGE).sum(1)
-    with tm.patched(model, _method(method, 0.5)):
+    with tm.patched(model, method_for(method, 0.5)):
         with torch.no_grad():
             out = model(**inputs).logits
         run = runtime_of(model).last

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_models import VIDEO, VIDEO_NAMES, clip_frames, make, video_inputs_for
+from vlm_models import VIDEO, VIDEO_NAMES, clip_frames, make, method_for, outputs, video_inputs_for
 
 import tokenmerge as tm
 from tokenmerge.adapters.hf_decoder import runtime_of
-from tokenmerge.methods.base import REGISTRY
 from tokenmerge.methods.projector.random_proj import RandomProj
 
 #: per frame: (rows, cols) of its token grid, in each model's layout
@@ -40,15 +39,7 @@ def clip(request):
     name = request.param
     model, _ = make(name)
     inputs = video_inputs_for(name, SAMPLES)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    return name, model, inputs, ref, gen
-
-
-def _method(name: str, ratio: float):
-    cls = REGISTRY[name]
-    return cls(ratio=ratio, layer=1) if cls.site == "decoder" else cls(ratio=ratio)
+    return name, model, inputs, *outputs(model, inputs)
 
 
 def test_a_clip_is_one_row_with_a_part_per_frame(clip, monkeypatch):
@@ -72,10 +63,7 @@ def test_a_clip_is_one_row_with_a_part_per_frame(clip, monkeypatch):
 @pytest.mark.parametrize("method", METHODS)
 def test_identity_at_zero_budget(clip, method):
     _, model, inputs, ref, gen = clip
-    with tm.patched(model, _method(method, 0.0)):
-        with torch.no_grad():
-            out = model(**inputs).logits
-        again = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    out, again = outputs(model, inputs, method_for(method, 0.0))
     assert torch.equal(out, ref) and torch.equal(again, gen)
 
 
@@ -85,7 +73,7 @@ def test_reduces_clips_batch_independent(clip, method):
     ids = inputs["input_ids"]
     visual = (_visual(name, ids) & inputs["attention_mask"].bool()).sum(1)
     text = inputs["attention_mask"].sum(1) - visual
-    with tm.patched(model, _method(method, 0.5)):
+    with tm.patched(model, method_for(method, 0.5)):
         with torch.no_grad():
             out = model(**inputs).logits
         kept = runtime_of(model).last.valid.sum(1) - text

@@ -224,3 +224,35 @@ def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = _build(name)
     return model, inputs_for(name, model, list(range(len(_SAMPLES))))
+
+
+def method_for(name: str, ratio: float):
+    """The registered VLM method ``name`` at ``ratio`` as the tests run it: ``NAME+vtu`` is
+    the projector method with DyMU's virtual unmerging; decoder methods act from layer 1 of
+    the 3-layer LLM (AIM's pruning over layers 1-2)."""
+    from tokenmerge.methods.base import REGISTRY
+
+    if name.endswith("+vtu"):
+        return REGISTRY[name[: -len("+vtu")]](ratio=ratio, vtu=True)
+    cls = REGISTRY[name]
+    if cls.site == "decoder":
+        return (
+            cls(ratio=ratio, layer=1) if name != "aim_prune" else cls(ratio=ratio, start=1, end=2)
+        )
+    return cls(ratio=ratio)
+
+
+def outputs(model, inputs: dict, method=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, sequences)``: a forward and a 3-token greedy ``generate`` on ``inputs``,
+    under ``method`` (patched for both, then removed) or unpatched."""
+    import tokenmerge as tm
+
+    def run():
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        return logits, model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+    if method is None:
+        return run()
+    with tm.patched(model, method):
+        return run()

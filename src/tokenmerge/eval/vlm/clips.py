@@ -26,7 +26,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .scenes import _SPLITS, COLOURS, QA, SHAPES, Shape, _background, _draw, _pick, _place
+from .scenes import (
+    _SPLITS,
+    COLOURS,
+    QA,
+    SHAPES,
+    Shape,
+    _background,
+    _draw,
+    _pick,
+    _place,
+    _ref,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,10 +85,6 @@ def _name(shapes: tuple[Shape, ...], s: Shape) -> str | None:
     """``the <colour> <shape>`` when no other shape has both, else None."""
     same = sum(o.shape == s.shape and o.colour == s.colour for o in shapes)
     return f"the {s.colour} {s.shape}" if same == 1 else None
-
-
-def _by_shape(shapes: tuple[Shape, ...], s: Shape) -> str | None:
-    return f"the {s.shape}" if sum(o.shape == s.shape for o in shapes) == 1 else None
 
 
 def _moved(box: tuple[int, int, int, int], dx: int, dy: int) -> tuple[int, int, int, int]:
@@ -162,7 +169,7 @@ def _questions(event, first, last, path, j: int) -> tuple[QA, ...]:
         qas.append(QA("motion", f"Which way did {name} move?", path[0]))
     if event == "appear":
         qas.append(QA("appeared", "How many shapes appeared?", str(len(last) - len(first))))
-    if ref := _by_shape(last, first[j]):
+    if ref := _ref(last, first[j], "shape"):
         qas.append(QA("start_colour", f"What colour was {ref} at the start?", first[j].colour))
         qas.append(QA("end_colour", f"What colour was {ref} at the end?", last[j].colour))
     return tuple(qas)

@@ -235,6 +235,8 @@ def method_for(name: str, ratio: float):
     if name.endswith("+vtu"):
         return REGISTRY[name[: -len("+vtu")]](ratio=ratio, vtu=True)
     cls = REGISTRY[name]
+    if ratio == 0.0 and cls.site == "projector":
+        return cls.example(0)  # budget 0: every stage off (HoliTom's in-LLM merge too)
     if cls.site == "decoder":
         return (
             cls(ratio=ratio, layer=1) if name != "aim_prune" else cls(ratio=ratio, start=1, end=2)

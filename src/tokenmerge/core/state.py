@@ -146,13 +146,17 @@ class Signals:
         k: ``[B, H, N, d]`` keys.
         scale: the attention's logit scale (``1/sqrt(d)`` for most models).
         bias: the additive attention bias that was used at this layer (or ``None``).
+        cell: ``[B, N]`` long, for the video tokens of a VLM: the position within its frame,
+            numbered so that the same position in every frame of one clip has the same id;
+            ``-1`` for every other token (set for decoder methods that need frames).
     """
 
     x: Tensor
-    k: Tensor
+    k: Tensor | None  # None: a decoder step that reads no attention (only ``x``)
     q: Tensor | None = None
     scale: float = 1.0
     bias: Tensor | None = None
+    cell: Tensor | None = None
     # caches (plain fields, not functools.cached_property: its lock breaks torch.compile graphs)
     _metric: Tensor | None = field(default=None, repr=False)
     _attn: Tensor | None = field(default=None, repr=False)

@@ -13,6 +13,7 @@ from .atc import ATC
 from .base import REGISTRY, Method, get_method, register
 from .decoder import AIMPrune, FastV, HoliTomInner
 from .dtome import DToMe
+from .framefusion import FrameFusion
 from .gtp import GTP
 from .kv import (
     H2O,
@@ -34,10 +35,12 @@ from .projector import (
     DivPrune,
     DownsampleProj,
     FrameSubsample,
+    HoliTom,
     M3Proj,
     ProjectorMethod,
     RandomProj,
     RecoverableCompression,
+    TempMe,
     VisionZipProj,
 )
 from .pruning import EViT, RandomPrune
@@ -67,7 +70,9 @@ __all__ = [
     "EViT",
     "ExpectedAttention",
     "FastV",
+    "FrameFusion",
     "FrameSubsample",
+    "HoliTom",
     "HoliTomInner",
     "KNorm",
     "KVzip",
@@ -82,6 +87,7 @@ __all__ = [
     "RecoverableCompression",
     "SnapKV",
     "StreamingLLM",
+    "TempMe",
     "ToFu",
     "ToMe",
     "TokenTransforming",

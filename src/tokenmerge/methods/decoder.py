@@ -50,6 +50,8 @@ class DecoderMethod(Method):
     needs: ClassVar[frozenset[str]] = frozenset({"keys", "queries"})
     #: which queries of layer K-1 the method needs: the last one, or all of them
     query: ClassVar[str] = "last"
+    #: needs the video frame of every token (``Signals.cell``): the VLM adapter only
+    needs_frames: ClassVar[bool] = False
 
     ratio: float = 0.0
     layer: int = 2
@@ -91,6 +93,16 @@ class DecoderMethod(Method):
             )
         return [(self.layer, 1.0 - self.ratio)]
 
+    def scored(self, layer: int) -> bool:
+        """Whether the step before ``layer`` needs layer ``layer - 1``'s queries and keys
+        (``False``: the runtime hands it the hidden states only)."""
+        return True
+
+    def exact(self, layer: int) -> bool:
+        """Whether the step before ``layer`` removes exactly its budget (``False``: at most
+        that many, e.g. a merge of whatever is similar enough; the last step must be exact)."""
+        return True
+
     def span_mask(self, position: Tensor, length: Tensor) -> Tensor:
         """``[B, N]`` bool: token at ``position`` (in its own sequence of ``length``) is in
         the span."""
@@ -106,10 +118,15 @@ class DecoderMethod(Method):
         """``[B, N]`` importance (FastV: attention of the last query, averaged over heads)."""
         return sig.attn[:, :, -1, :].mean(1)
 
+    def importance(self, sig: Signals, state: TokenState) -> Tensor:
+        """``[B, N]`` what :meth:`keep_mask` ranks by: :meth:`scores` (a method that averages
+        over queries overrides this to see which slots are real)."""
+        return self.scores(sig)
+
     def keep_mask(self, sig: Signals, state: TokenState, r: Tensor) -> tuple[Tensor, Tensor]:
         """Top-scored span tokens: returns ``(kept span tokens, span candidates)``."""
         cand = state.valid & ~state.protected
-        s = self.scores(sig).float().masked_fill(~cand, -math.inf)
+        s = self.importance(sig, state).float().masked_fill(~cand, -math.inf)
         n_keep = cand.sum(1) - r
         order = s.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(

@@ -52,6 +52,7 @@ class _Forward:
     sel: Tensor | None = None  # [B, n] slot -> input position, once hidden states are reduced
     span_count: Tensor | None = None  # [B] span tokens at the start (decoder site)
     span_input: Tensor | None = None  # [B, q] input tokens that may be reduced (a VLM's images)
+    cells: Tensor | None = None  # [B, q] a video token's cell id per input position (Signals.cell)
     # DyMU's virtual unmerging: [B, q] slot of the reduced stream each input position belongs
     # to (padding -> a spare slot past the end); attention runs on the q positions
     virtual: Tensor | None = None

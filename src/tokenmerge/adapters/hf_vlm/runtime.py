@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.reduction import Reduction
+from ...methods.decoder import DecoderMethod
 from ...methods.projector import ProjectorMethod, VisualTokens
 from ..base import ContextSlot, UnsupportedModelError
 from ..hf_decoder.compat import Signature
@@ -46,6 +47,8 @@ class _Call:
 
 
 class _VLMRuntime(_Runtime):
+    knows_frames = True
+
     def __init__(
         self, model: nn.Module, inner: nn.Module, layers: Sequence[nn.Module], parts: VLMParts
     ) -> None:
@@ -55,6 +58,7 @@ class _VLMRuntime(_Runtime):
         self.saliency = saliency_of(parts.base, parts.vision_tower, parts.layout)
         self._call = ContextSlot(f"tokenmerge_vlm_call_{id(self)}")
         self._positions = ContextSlot(f"tokenmerge_vlm_positions_{id(self)}")
+        self._inner: DecoderMethod | None = None  # a projector method's in-LLM stage
 
     def _shortens(self) -> bool:
         proj = self.projector
@@ -71,6 +75,11 @@ class _VLMRuntime(_Runtime):
     def projector(self) -> ProjectorMethod | None:
         return self.method if isinstance(self.method, ProjectorMethod) else None
 
+    @property
+    def decoder(self) -> DecoderMethod | None:
+        """The decoder-site method, or a projector method's in-LLM stage (HoliTom's)."""
+        return self._inner if self.projector is not None else super().decoder
+
     def bind(self, patch: Any) -> _VLMRuntime:
         method = patch.method
         if (
@@ -83,6 +92,10 @@ class _VLMRuntime(_Runtime):
                 f"{self.saliency.error}"
             )
         super().bind(patch)
+        if isinstance(method, ProjectorMethod):
+            self._inner = method.inner(self.depth)
+            if self._inner is not None:
+                self._inner.schedule(self.depth)  # validates the layer
         self.patch = patch  # a tower (block-site) method's token state is the patch's
         patch.slots += [self._call, self._positions]
         if self.saliency.error is None:
@@ -120,7 +133,11 @@ class _VLMRuntime(_Runtime):
         if proj is not None and proj.is_identity:
             return
         if run.span_input is not None and bool(run.span_input.any()):  # images in this prefill
-            run.schedule = {0: 1.0 if proj is None else 1.0 - proj.ratio}
+            if proj is None or proj.ratio > 0:
+                run.schedule = {0: 1.0 if proj is None else 1.0 - proj.ratio}
+            if self._inner is not None:  # then in the LLM, on what the projector site kept
+                run.schedule.update(self._inner.schedule(self.depth))
+                run.span_count = self._span(run).sum(1)
         elif proj is not None and call is not None and ids is None:
             raise ValueError(
                 f"{proj.name} needs input_ids to find the image tokens (this call passed "
@@ -161,14 +178,39 @@ class _VLMRuntime(_Runtime):
 
     # -------------------------------------------------------------- the projector site
     def _reduce_hidden(self, i: int, run: _Forward, args: tuple, kwargs: dict) -> tuple:
-        if self.projector is None and not self._tower_merges():
-            return super()._reduce_hidden(i, run, args, kwargs)
+        if i > 0 or (self.projector is None and not self._tower_merges()):
+            return super()._reduce_hidden(i, run, args, kwargs)  # the decoder site
         run.done.add(i)
         x = _hidden(args, kwargs)
         units = self._units(run, x)
         y, rep, valid, virtual = self._reduce_units(run, x, units)
         run.virtual = virtual  # VTU: attention keeps the full sequence (and the cache stores it)
-        return self._continue_on(run, y, rep, valid, args, kwargs, stored=virtual is None)
+        out = self._continue_on(run, y, rep, valid, args, kwargs, stored=virtual is None)
+        if self._inner is not None:
+            run.span_count = self._span(run).sum(1)  # the in-LLM stage's share is of these
+        return out
+
+    def _cells(self, run: _Forward, i: int, x: Tensor) -> Tensor:
+        """``[B, n]`` the video cell of every current slot (:attr:`Signals.cell`): clip ``j``'s
+        position ``(r, c)`` in a ``rows x cols`` frame is ``j · P + r · cols + c`` (``P`` the
+        largest frame), the same in each of its frames; ``-1`` for images and text. Read at
+        layer 0 (the embeddings: OneVision's newline tokens are found by value)."""
+        if run.cells is None:
+            if i != 0:
+                raise self._fail(run, f"video frames can only be read at layer 0, not {i}")
+            units = self._units(run, x)
+            grid = units.grid[..., 0] * units.grid[..., 1]
+            p = max(int(grid.max()), 1) if grid.numel() else 1
+            cols = units.grid[..., 1].gather(1, units.part.clamp_min(0))
+            clip = torch.arange(len(units), device=x.device)[:, None]
+            cell = clip * p + units.coord[..., 0] * cols + units.coord[..., 1]
+            video = units.valid & ~units.protected & (units.frames[:, None] > 1)
+            cells = torch.full(run.input_valid.shape, -1, dtype=torch.long, device=x.device)
+            rows = units.sample[:, None].expand_as(units.index)
+            cells[rows[video], units.index[video]] = cell[video]
+            run.cells = cells
+        slot = (run.rep - run.seen).clamp(0, run.cells.shape[1] - 1)
+        return run.cells.gather(1, slot).masked_fill(~run.valid, -1)
 
     def _units(self, run: _Forward, x: Tensor) -> layout.Units:
         parts, base = self.parts, self.parts.base

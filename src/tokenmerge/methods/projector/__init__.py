@@ -13,9 +13,11 @@ from .dart import DART
 from .divprune import DivPrune
 from .downsample_proj import DownsampleProj
 from .frame_subsample import FrameSubsample
+from .holitom import HoliTom
 from .m3_proj import M3Proj
 from .random_proj import RandomProj
 from .recoverable import RecoverableCompression
+from .tempme import TempMe
 from .visionzip_proj import VisionZipProj
 
 for _m in pkgutil.iter_modules(__path__):
@@ -35,8 +37,10 @@ PROJECTOR_METHODS = (
     "visionzip_proj",
     "recoverable",
 )
-#: the methods for video clips only (``video_only``), kept out of the image benchmark
-VIDEO_METHODS = ("frame_subsample",)
+#: the methods made for video clips, kept out of the image benchmark: frame subsampling (video
+#: only, ``video_only``), TempMe's and HoliTom's temporal merging (on an image they reduce to
+#: their per-frame stage)
+VIDEO_METHODS = ("frame_subsample", "tempme", "holitom")
 
 __all__ = [
     "DART",
@@ -47,10 +51,12 @@ __all__ = [
     "DivPrune",
     "DownsampleProj",
     "FrameSubsample",
+    "HoliTom",
     "M3Proj",
     "ProjectorMethod",
     "RandomProj",
     "RecoverableCompression",
+    "TempMe",
     "VisionZipProj",
     "VisualTokens",
     "keep_targets",

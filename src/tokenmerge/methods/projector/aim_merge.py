@@ -15,11 +15,13 @@ from .base import ProjectorMethod, VisualTokens, top_k
 from .visionzip_proj import compact
 
 
-def bipartite_step(feat: Tensor, alive: Tensor, r: Tensor) -> Tensor:
+def bipartite_step(feat: Tensor, alive: Tensor, r: Tensor, group: Tensor | None = None) -> Tensor:
     """One bipartite merge of the ``alive`` tokens: the ``j``-th alive token (token order) is in
     A when ``j`` is even, in B when odd; each A token's best edge is its most cosine-similar B
-    token, and the ``r[u]`` strongest edges (ties: the lower index) merge A into B. Returns
-    ``[U, n]`` targets (``t[i] = i`` for tokens that stay)."""
+    token, and the ``r[u]`` strongest edges (ties: the lower index) merge A into B. With
+    ``group`` (``[U, n]`` long), edges join only tokens of the same group, and an A token with
+    no B token in its group does not merge. Returns ``[U, n]`` targets (``t[i] = i`` for
+    tokens that stay)."""
     u, n, _ = feat.shape
     rank = alive.long().cumsum(1) - 1
     in_a, in_b = alive & (rank % 2 == 0), alive & (rank % 2 == 1)
@@ -29,9 +31,12 @@ def bipartite_step(feat: Tensor, alive: Tensor, r: Tensor) -> Tensor:
     d = key.shape[-1]
     ka = key.gather(1, a.unsqueeze(-1).expand(-1, -1, d))
     kb = key.gather(1, b.unsqueeze(-1).expand(-1, -1, d))
-    sim = (ka @ kb.transpose(1, 2)).masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
+    ok = a_ok[:, :, None] & b_ok[:, None, :]
+    if group is not None:
+        ok = ok & (group.gather(1, a)[:, :, None] == group.gather(1, b)[:, None, :])
+    sim = (ka @ kb.transpose(1, 2)).masked_fill(~ok, -torch.inf)
     best, dest = sim.amax(-1), b.gather(1, sim.argmax(-1))
-    merge = top_k(best, a_ok & b_ok.any(1, keepdim=True), r)
+    merge = top_k(best, ok.any(-1), r)
     ar = torch.arange(n, device=feat.device).expand(u, n)
     return ar.scatter(1, a, torch.where(merge, dest, a))
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from ...core.reduction import Reduction
 from ...core.state import Signals, TokenState
 from ..base import Method
+from ..decoder import DecoderMethod
 
 #: what a projector method may ask the adapter for, besides the visual tokens themselves
 PROJECTOR_NEEDS = frozenset({"saliency", "text"})
@@ -165,6 +166,12 @@ class ProjectorMethod(Method):
             return n
         keep = torch.round(n.double() * (1.0 - self.ratio)).long()
         return torch.minimum(keep.clamp_min(1), n)
+
+    def inner(self, depth: int) -> DecoderMethod | None:
+        """A second stage inside the LLM (of ``depth`` layers) that the adapter runs after the
+        projector site, on the visual tokens that entered it (HoliTom's in-LLM merge); ``None``
+        (the default): the method acts at the projector only."""
+        return None
 
     @abstractmethod
     def select(self, v: VisualTokens, keep: Tensor) -> Reduction:

@@ -64,15 +64,13 @@ def merge_reference(x, cell, valid, r, threshold):
         above = sorted((i for i in sim if sim[i] >= threshold), key=lambda i: (-sim[i], i))
         merging = set(above[: int(r[row])])
 
-        def root(i):
-            while i in merging:
-                i = prev[i]
-            return i
-
         groups: dict[int, list[int]] = {}
         for i in range(x.shape[1]):
             if valid[row, i]:
-                groups.setdefault(root(i), []).append(i)
+                start = i
+                while start in merging:  # follow the run back to its first token
+                    start = prev[start]
+                groups.setdefault(start, []).append(i)
         out.append({k: x[row, v].mean(0) for k, v in groups.items()})
     return out
 

@@ -78,6 +78,21 @@ def encode_images(model, inputs, scenes: list[Scene], cache: Path) -> torch.Tens
 
 
 @torch.no_grad()
+def encode_clips(model, inputs, clips: list, cache: Path) -> torch.Tensor:
+    """Frozen encoder features of every frame, ``[N, F * 256, 384]`` float16 (a clip's frames
+    back to back, as the benchmark gives them), cached in `cache`."""
+    if not cache.is_file():
+        layer = model.config.vision_feature_layer
+        rows = []
+        for c in clips:
+            pixels = inputs.preprocess(list(c.frames))
+            hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            rows.append(hidden[layer][:, 1:].half().reshape(1, -1, hidden[layer].shape[-1]))
+        torch.save(torch.cat(rows), cache)
+    return torch.load(cache)
+
+
+@torch.no_grad()
 def check_forward(model, inputs, scene: Scene) -> float:
     """Max |logit difference| between the training forward and the stock Llava forward."""
     b = inputs.batch([scene.image], [scene.qas[0].question])
@@ -87,12 +102,13 @@ def check_forward(model, inputs, scene: Scene) -> float:
     return (stock - ours).abs().max().item()
 
 
-def make_batch(tokenizer, scenes: list[Scene], rng: np.random.Generator):
-    """Right-padded conversations, each asking all of its scene's questions in random order."""
+def make_batch(tokenizer, scenes: list, rng: np.random.Generator, n_image: int = 256):
+    """Right-padded conversations, each asking all of its scene's (or clip's) questions in
+    random order; ``n_image`` placeholders open each (a clip: 256 per frame)."""
     rows = []
     for s in scenes:
         qas = [s.qas[i] for i in rng.permutation(len(s.qas))]
-        rows.append(encode(tokenizer, [(q.question, q.answer) for q in qas]))
+        rows.append(encode(tokenizer, [(q.question, q.answer) for q in qas], n_image))
     # Lengths rounded up to 64: few distinct shapes, so oneDNN's bf16 kernels are set up once.
     width = -(-max(len(ids) for ids, _ in rows) // 64) * 64
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -109,6 +125,21 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@torch.no_grad()
+def evaluate_clips(model, inputs, clips: list, batch: int = 4) -> dict[str, tuple[int, int]]:
+    """(correct, total) per clip question type, greedy, as the video benchmark asks."""
+    asked = [(c, q) for c in clips for q in c.qas]
+    score: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for i in range(0, len(asked), batch):
+        chunk = asked[i : i + batch]
+        b = inputs.clips([c.frames for c, _ in chunk], [q.question for _, q in chunk])
+        out = model.generate(**b, max_new_tokens=4, do_sample=False)
+        for (_, q), got in zip(chunk, inputs.answers(out, b), strict=True):
+            score[q.kind][0] += got == q.answer
+            score[q.kind][1] += 1
+    return {k: (v[0], v[1]) for k, v in score.items()}
 
 
 @torch.no_grad()
@@ -140,6 +171,15 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/tiny_llava_features.pt"))
     p.add_argument("--out", type=Path, default=PROJECTOR_FILE)
     p.add_argument("--init", type=Path, help="start from this projector file (continue training)")
+    p.add_argument(
+        "--clips", type=int, default=0, help="train on this many synthetic clips (0: images)"
+    )
+    p.add_argument("--frames", type=int, default=8, help="frames per training clip")
+    p.add_argument("--clip-batch", type=int, default=1, help="clips per step")
+    p.add_argument(
+        "--image-every", type=int, default=0, help="with --clips: every Kth step is images"
+    )
+    p.add_argument("--eval-clips", type=int, default=0, help="held-out clips to score")
     args = p.parse_args()
 
     start = time.time()
@@ -163,6 +203,14 @@ def main() -> None:
     # DINOv2's pre-layernorm features carry a large offset shared by all tokens (|mean| up to 8.6
     # per dimension) and per-dimension spreads from 0.2 to 7.6: train on standardised features
     # and fold the standardisation into linear_1 afterwards (exact; the stock class has no norm).
+    clips, clip_feats = [], None
+    if args.clips:
+        from tokenmerge.eval.vlm.clips import make_clip
+
+        clips = [make_clip(i, "train", args.seed, args.frames) for i in range(args.clips)]
+        name = f"{args.cache.stem}_clips_{args.clips}_{args.frames}_{args.seed}.pt"
+        clip_feats = encode_clips(model, inputs, clips, args.cache.with_name(name))
+        log(start, f"clip features {tuple(clip_feats.shape)} for {len(clips)} clips")
     sample = feats[:300].float().reshape(-1, feats.shape[-1])
     mean, std = sample.mean(0), sample.std(0)
     projector = model.model.multi_modal_projector
@@ -176,16 +224,27 @@ def main() -> None:
     warmup = max(1, args.steps // 20)
     order: list[int] = []
     losses: list[float] = []
+    clip_order: list[int] = []
     for step in range(args.steps):
-        if len(order) < args.batch:
-            order += [int(i) for i in rng.permutation(len(scenes))]
-        idx, order = order[: args.batch], order[args.batch :]
-        ids, attention, target = make_batch(tok, [scenes[i] for i in idx], rng)
+        on_clips = bool(clips) and not (args.image_every and step % args.image_every == 0)
+        if on_clips:
+            if len(clip_order) < args.clip_batch:
+                clip_order += [int(i) for i in rng.permutation(len(clips))]
+            idx, clip_order = clip_order[: args.clip_batch], clip_order[args.clip_batch :]
+            n_image = 256 * args.frames
+            ids, attention, target = make_batch(tok, [clips[i] for i in idx], rng, n_image)
+            source = clip_feats
+        else:
+            if len(order) < args.batch:
+                order += [int(i) for i in rng.permutation(len(scenes))]
+            idx, order = order[: args.batch], order[args.batch :]
+            ids, attention, target = make_batch(tok, [scenes[i] for i in idx], rng)
+            source = feats
         # Position t predicts token t+1: the logits are needed where the next token is an answer.
         positions = torch.zeros_like(target)
         positions[:, :-1] = target[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            x = (feats[idx].float() - mean) / std
+            x = (source[idx].float() - mean) / std
             logits = forward_from_features(model, ids, attention, x, positions)
         loss = F.cross_entropy(logits.float(), ids[:, 1:][target[:, 1:]])
         for group in opt.param_groups:
@@ -224,6 +283,15 @@ def main() -> None:
     # Score what was saved in the stock float32 model, as the zoo loads it.
     projector.load_state_dict(load_projector(args.out, sha256=None))
     model.eval().requires_grad_(False)
+    if args.eval_clips:
+        from tokenmerge.eval.vlm.clips import chance as clip_chance
+        from tokenmerge.eval.vlm.clips import make_clip
+
+        held_clips = [make_clip(i, "test", args.seed, args.frames) for i in range(args.eval_clips)]
+        base = clip_chance()
+        for kind, (ok, n) in evaluate_clips(model, inputs, held_clips).items():
+            print(f"{kind:12s} {ok / n:6.1%} of {n:3d}  (chance {base[kind]:.1%})")
+        log(start, f"held-out: {len(held_clips)} clips of {args.frames} frames")
     if not args.eval_scenes:
         return
     held = make_scenes(args.eval_scenes, "test", seed=args.seed)

@@ -221,3 +221,31 @@ def test_inner_stage_uses_the_paper_split():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError, match="HoliTom"):
         HoliTom(ratio=0.5, **bad)
+
+
+# ----------------------------------------------------------------------------- in the VLM
+@pytest.mark.parametrize(("ratio", "inner"), [(0.5, 0.5), (0.5, 0.0), (0.0, 0.5), (0.75, 0.25)])
+def test_both_stages_run_in_a_vlm(ratio, inner):
+    """The projector stage leaves at most ``keep`` video tokens; the in-LLM stage at K = 2 of
+    3 layers then removes ``inner_ratio`` of what entered the LLM (the tiny LLaVA's clips)."""
+    from vlm_models import make, video_inputs_for
+
+    import tokenmerge as tm
+    from tokenmerge.adapters.hf_decoder import runtime_of
+
+    model, _ = make("llava")
+    inputs = video_inputs_for("llava", [0, 1])
+    text = inputs["attention_mask"].sum(1) - (inputs["input_ids"] == 99).sum(1)
+    video = (inputs["input_ids"] == 99).sum(1)
+    method = HoliTom(ratio=ratio, inner_ratio=inner)
+    assert method.inner(3) is None or method.inner(3).layer == 2
+    with tm.patched(model, method), torch.no_grad():
+        model(**inputs)
+        per_layer = torch.stack(runtime_of(model).last.tokens_per_layer, 1) - text[:, None]
+    first, last = per_layer[:, 0], per_layer[:, 2]
+    assert torch.equal(per_layer[:, 1], first)
+    if ratio == 0.0:
+        assert torch.equal(first, video)
+    else:
+        assert (first <= torch.round(video * (1 - ratio))).all()
+    assert torch.equal(last, torch.round(first * (1 - inner)).long())

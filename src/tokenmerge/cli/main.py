@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         help="comma-separated budgets: 8 (tokens removed per layer), 16:-1, list:8/8/4, "
         "keep:0.9 (per layer), tokens:64, flops:0.5; LLMs: compression factors 2,4,8; "
-        "VLMs: visual tokens kept per image, 85,57,28,16 (default: the preset's)",
+        "VLMs: visual tokens kept per image, 85,57,28,16; VLM --tasks video: %% of each clip's "
+        "visual tokens kept, 50,25,10,5 (default: the preset's)",
     )
     b.add_argument(
         "--budgets-for",
@@ -264,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         help="comma-separated subset of the tasks (default: all; vision: "
         "cosine,knn,probe,saliency,speed; text: cosine,retrieval,probe,speed; LLMs: "
-        "needle,ppl,memory,speed; VLMs: accuracy,speed)",
+        "needle,ppl,memory,speed; VLMs: accuracy,speed, plus video to ask about video clips "
+        "instead of images (alone: with accuracy,speed; frames per clip: --param "
+        "bench.frames=8))",
     )
     b.add_argument(
         "--dataset",

@@ -1,5 +1,9 @@
 """``tokenmerge bench --model tiny-llava``: arguments -> :class:`VLMBenchConfig` -> files
-(``<out>/<name>.json``, ``.md``, ``.png``)."""
+(``<out>/<name>.json``, ``.md``, ``.png``).
+
+``--tasks video`` (alone, or with ``accuracy`` / ``speed``) asks about video clips instead of
+images: ``--budgets`` are then the % of each clip's visual tokens kept (default 50,25,10,5) and
+``--param bench.frames=N`` sets the frames per clip (default 8)."""
 
 from __future__ import annotations
 
@@ -10,15 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .bench import KEEPS, METHODS, TASKS, VLMBenchConfig, planned_steps, validate
+from .bench import KEEPS, PCTS, TASKS, VIDEO, VLMBenchConfig, planned_steps, validate
 
 #: ``--quick``: a smoke test (3 methods, one budget, 10 questions, one timing pair)
 QUICK: dict[str, Any] = {"n": 10, "budgets": "57", "methods": "random_proj,visionzip_proj,fastv",
                          "timing_runs": 1}  # fmt: skip
+#: ``--quick --tasks video``: the same size on 8-frame clips, with the video baselines
+QUICK_VIDEO: dict[str, Any] = {"n": 10, "budgets": "25", "timing_runs": 1,
+                               "methods": "frame_subsample,random_proj,fastv"}  # fmt: skip
 #: ``--full``: the published size
 FULL_N = 500
 #: ``--param bench.NAME=VALUE`` settings
-SETTINGS = ("max_new_tokens", "decode_tokens", "timing_warmup", "split", "same_length")
+SETTINGS = ("max_new_tokens", "decode_tokens", "timing_warmup", "split", "same_length", "frames")
 #: bench options that mean nothing here
 _OTHER = ("dataset", "budgets_for", "saliency_images", "autotune_methods", "autotune_time")
 
@@ -33,6 +40,18 @@ def _keep(text: str) -> int:
         ) from None
 
 
+def _pct(text: str) -> float:
+    try:
+        pct = float(text.strip())
+    except ValueError:
+        example = ",".join(f"{p:g}" for p in PCTS)
+        raise ValueError(
+            f"--budgets for --tasks video are the % of each clip's visual tokens kept, whole "
+            f"or decimal numbers above 0 and below 100, e.g. {example}; got {text!r}"
+        ) from None
+    return int(pct) if pct.is_integer() else pct
+
+
 def config(args: argparse.Namespace) -> VLMBenchConfig:
     """The run's configuration from the CLI arguments, checked (before anything loads)."""
     from ...cli.checks import parse_params
@@ -44,14 +63,21 @@ def config(args: argparse.Namespace) -> VLMBenchConfig:
         raise ValueError(f"the VLM bench runs on the zoo's tiny-llava, not {args.model!r}")
     params = parse_params(args.param or [], settings={"bench": SETTINGS})
     bench = params.pop("bench", {})
-    quick = getattr(args, "quick", False)
-    if quick:
+    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    video = VIDEO in tasks
+    if "frames" in bench and not video:
+        raise ValueError("--param bench.frames applies to --tasks video only")
+    if getattr(args, "quick", False):
+        preset = QUICK_VIDEO if video else QUICK
         for k in ("n", "budgets", "methods", "timing_runs"):
             if getattr(args, k, None) is None:
-                setattr(args, k, QUICK[k])
-    methods = tuple(m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip())
-    keeps = tuple(_keep(b) for b in args.budgets.split(",")) if args.budgets else KEEPS
-    tasks = frozenset(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+                setattr(args, k, preset[k])
+    # None: the task's defaults (VLMBenchConfig)
+    methods = (
+        tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    )
+    parse = _pct if video else _keep
+    keeps = tuple(parse(b) for b in args.budgets.split(",")) if args.budgets else None
     d = VLMBenchConfig()
     n = args.n or (FULL_N if getattr(args, "full", False) else d.n)
     cfg = VLMBenchConfig(
@@ -66,10 +92,11 @@ def config(args: argparse.Namespace) -> VLMBenchConfig:
         timing_runs=args.timing_runs or d.timing_runs,
         timing_warmup=int(bench.get("timing_warmup", d.timing_warmup)),
         same_length=bool(bench.get("same_length", d.same_length)),
+        frames=bench.get("frames", d.frames),  # checked by validate
         seed=args.seed,
         tasks=tasks,
-        method_params={k: v for k, v in params.items() if k in methods},
     )
+    cfg.method_params = {k: v for k, v in params.items() if k in cfg.methods}
     validate(cfg)
     return cfg
 
@@ -95,13 +122,15 @@ def _config_json(cfg: VLMBenchConfig) -> dict[str, Any]:
     out = {}
     for k, v in vars(cfg).items():
         out[k] = sorted(v) if isinstance(v, frozenset) else list(v) if isinstance(v, tuple) else v
+    if not cfg.video:  # a video setting: an image run's JSON stays as it was
+        del out["frames"]
     return out
 
 
 def write(args: argparse.Namespace, cfg: VLMBenchConfig, result: dict[str, Any]) -> int:
     """``<out>/<name>.json``, ``.md`` and ``.png``."""
     from .. import report
-    from .report import markdown, plot
+    from .report import markdown
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +143,7 @@ def write(args: argparse.Namespace, cfg: VLMBenchConfig, result: dict[str, Any])
     (out / f"{stem}.md").write_text(markdown(cfg, result, meta))
     written = ".json, .md"
     if any(r.get("acc") is not None for r in result["rows"]):
-        plot(result, out / f"{stem}.png", f"{cfg.model}: accuracy against visual tokens kept")
+        _plot(cfg, result, out / f"{stem}.png")
         written += ", .png"
     print(f"wrote {out / stem}{written}")
     return 0
@@ -135,12 +164,23 @@ def load(path: str | Path) -> tuple[VLMBenchConfig, dict[str, Any], dict[str, An
 def render(path: str | Path) -> list[str]:
     """Remake the Markdown (and the plot) of a saved run with the current report code; returns
     the suffixes written."""
-    from .report import markdown, plot
+    from .report import markdown
 
     path = Path(path)
     cfg, result, meta = load(path)
     path.with_suffix(".md").write_text(markdown(cfg, result, meta))
     if any(r.get("acc") is not None for r in result["rows"]):
-        plot(result, path.with_suffix(".png"), f"{cfg.model}: accuracy against visual tokens kept")
+        _plot(cfg, result, path.with_suffix(".png"))
         return [".md", ".png"]
     return [".md"]
+
+
+def _plot(cfg: VLMBenchConfig, result: dict[str, Any], path: Path) -> None:
+    from .report import plot
+
+    what = (
+        f"% of the visual tokens kept ({cfg.frames}-frame clips)"
+        if cfg.video
+        else "visual tokens kept"
+    )
+    plot(result, path, f"{cfg.model}: accuracy against {what}", video=cfg.video)

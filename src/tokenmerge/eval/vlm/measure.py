@@ -12,6 +12,10 @@
   unpatched and the patched model alternately; the time to the end of the first forward is the
   TTFT, the rest over ``decode_tokens`` the time per decoded token. Ratios per pair, median and
   interquartile range, with the cores other processes took (:mod:`..cpuload`).
+
+Video (``cfg.video``): the same with a clip (its frames, built by ``inputs.clips``) in place of
+each image; the visual tokens are the clip's, and the vision tower and projector run on every
+frame.
 """
 
 from __future__ import annotations
@@ -31,8 +35,7 @@ from ...methods import get_method
 from ..cpuload import OtherLoad
 from ..llm.measure import spread_of
 from ..throughput import toggle
-from .bench import VLMBenchConfig, bootstrap_se, ratio_of
-from .scenes import KINDS
+from .bench import VLMBenchConfig, bootstrap_se
 
 #: the key of the unreduced model's measurements
 BASE = ("none", 0)
@@ -77,10 +80,10 @@ def timed_generate(model: nn.Module, batch: dict, new: int) -> tuple[float, floa
     return marks[0] - t0, (marks[-1] - marks[0]) / max(len(marks) - 1, 1)
 
 
-def fixed_flops(model: nn.Module, pixels: torch.Tensor) -> float:
-    """FLOPs per image that no method changes: the vision tower (every layer, at its patch
-    grid + CLS), the projector's linear layers on every visual token, and the LM head on the
-    last position."""
+def fixed_flops(model: nn.Module, pixels: torch.Tensor, frames: int = 1) -> float:
+    """FLOPs per image (or clip of ``frames`` frames) that no method changes: the vision tower
+    (every layer, at its patch grid + CLS) and the projector's linear layers on every visual
+    token, per frame, and the LM head on the last position."""
     vc, tc = model.config.vision_config, model.config.text_config
     p = vc.patch_size
     n_v = (pixels.shape[-2] // p) * (pixels.shape[-1] // p) + 1
@@ -91,7 +94,7 @@ def fixed_flops(model: nn.Module, pixels: torch.Tensor) -> float:
     linear = sum(
         2 * m.in_features * m.out_features for m in proj.modules() if isinstance(m, nn.Linear)
     )
-    return vision + linear * (n_v - 1) + 2 * tc.hidden_size * tc.vocab_size
+    return frames * (vision + linear * (n_v - 1)) + 2 * tc.hidden_size * tc.vocab_size
 
 
 def spread(xs: list[float]) -> tuple[float | None, list[float] | None]:
@@ -101,32 +104,36 @@ def spread(xs: list[float]) -> tuple[float | None, list[float] | None]:
 
 
 class Measurer:
-    """Runs the configurations of ``cfg`` on ``model`` and keeps their measurements."""
+    """Runs the configurations of ``cfg`` on ``model`` and keeps their measurements.
+
+    ``visuals``: the images, or with ``cfg.video`` the clips (each a sequence of frames), that
+    the ``items`` ask about (``item["image"]``, or ``item["video"]``, indexes them)."""
 
     def __init__(
         self,
         cfg: VLMBenchConfig,
         model: nn.Module,
         inputs: Any,
-        images: list[Any],
+        visuals: list[Any],
         items: list[dict],
         tick: Callable[[int], None],
     ) -> None:
         self.cfg, self.model, self.inputs, self.tick = cfg, model, inputs, tick
-        self.images, self.items = images, items
+        self.visuals, self.items = visuals, items
         self.configs = [(m, k) for m in cfg.methods for k in cfg.keeps]
         self.cost = adapter_for(model).target(model).cost
-        self.acc: dict[tuple[str, int], dict[str, list]] = {}
-        self.timing: dict[tuple[str, int], dict[str, Any]] = {}
+        self.acc: dict[tuple[str, float], dict[str, list]] = {}
+        self.timing: dict[tuple[str, float], dict[str, Any]] = {}
 
-    def method(self, name: str, keep: int) -> Any:
-        ratio = ratio_of(keep, self.cfg.n_image)
+    def method(self, name: str, keep: float) -> Any:
+        ratio = self.cfg.ratio(keep)
         return get_method(name, ratio=ratio, **self.cfg.method_params.get(name, {}))
 
     def _batch(self, items: list[dict]) -> dict:
-        return self.inputs.batch(
-            [self.images[it["image"]] for it in items], [it["question"] for it in items]
-        )
+        questions = [it["question"] for it in items]
+        if self.cfg.video:
+            return self.inputs.clips([self.visuals[it["video"]] for it in items], questions)
+        return self.inputs.batch([self.visuals[it["image"]] for it in items], questions)
 
     # ------------------------------------------------------------------ quality
     def batches(self) -> list[list[int]]:
@@ -155,7 +162,7 @@ class Measurer:
             for key in self.configs:
                 self._answer(key, self.method(*key), batch, idx)
 
-    def _answer(self, key: tuple[str, int], method: Any, batch: dict, idx: list[int]) -> None:
+    def _answer(self, key: tuple[str, float], method: Any, batch: dict, idx: list[int]) -> None:
         if method is not None:
             apply(self.model, method)
         try:
@@ -186,7 +193,8 @@ class Measurer:
             if not torch.equal(final, tpl[:, -1] - (total - image.sum(1))):
                 raise RuntimeError(f"{key}: kept slots and tokens_per_layer disagree")
         visual = tpl - (total - image.sum(1))[:, None]
-        fixed = fixed_flops(self.model, batch["pixel_values"])
+        frames = batch["pixel_values"].shape[0] // ids.shape[0]  # per question: 1, or a clip's
+        fixed = fixed_flops(self.model, batch["pixel_values"], frames)
         flops = lambda t: self.cost.layer_flops(t, t).sum(1) + fixed  # noqa: E731
         got["visual"] = final.tolist()
         got["visual_mean"] = visual.double().mean(1).tolist()
@@ -233,17 +241,20 @@ class Measurer:
             self.tick(1)
 
     # ------------------------------------------------------------------ summary
-    def _row(self, key: tuple[str, int]) -> dict[str, Any]:
+    def _row(self, key: tuple[str, float]) -> dict[str, Any]:
         cfg, (name, keep) = self.cfg, key
         base = key == BASE
+        keep = cfg.full if base else keep
         row: dict[str, Any] = {
             "method": "unreduced" if base else name,
             "site": None if base else self.method(name, keep).site,
-            "keep": cfg.n_image if base else keep,
-            "ratio": 0.0 if base else ratio_of(keep, cfg.n_image),
-            "budget": f"{cfg.n_image if base else keep}/{cfg.n_image}",
+            "keep": keep,
+            "ratio": 0.0 if base else cfg.ratio(keep),
+            "budget": f"{keep:g}%" if cfg.video else f"{keep}/{cfg.n_image}",
             "params": None if base else _params(self.method(name, keep)),
         }
+        if cfg.video:  # the visual tokens per clip that the % means
+            row["keep_tokens"] = cfg.tokens(keep)
         rec, ref = self.acc.get(key), self.acc.get(BASE)
         if rec is not None and ref is not None:
             gold = [it["answer"] for it in self.items]
@@ -273,7 +284,7 @@ class Measurer:
                 "gflops": float(np.mean(rec["flops"])) / 1e9,
                 "answers": rec["answers"],
             }
-            for k in KINDS:
+            for k in cfg.kinds:
                 sel = kinds == k
                 row[f"acc_{k}"] = float(ok[sel].mean()) if sel.any() else None
                 full = ok0[sel].mean() if sel.any() else 0.0
@@ -286,10 +297,11 @@ class Measurer:
         return row | self.timing.get(key, {})
 
     def summary(self) -> dict[str, Any]:
-        from .scenes import chance
+        from . import clips, scenes
 
+        chance = (clips if self.cfg.video else scenes).chance
         rows = [self._row(BASE)] + [self._row(k) for k in self.configs]
-        n_by_type = {k: sum(it["kind"] == k for it in self.items) for k in KINDS}
+        n_by_type = {k: sum(it["kind"] == k for it in self.items) for k in self.cfg.kinds}
         loads = [t["other_load"] for t in self.timing.values() if t["other_load"] is not None]
         return {
             "rows": rows,

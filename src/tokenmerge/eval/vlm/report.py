@@ -1,9 +1,15 @@
 """The VLM bench's Markdown report (a table per budget, the winners, which question type breaks
 first, whether counting suffers most from merging) and its plot (accuracy against visual tokens
-kept, one panel per question type)."""
+kept, one panel per question type).
+
+The video task's report is the same over the clips' question types, with budgets as the % of
+each clip's visual tokens kept (and no counting section: it asks about the images' count
+questions). The question types and their chance come with the result (``result["chance"]``,
+in the data's order)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +24,27 @@ MERGING = frozenset(
 #: share (in %) of the unreduced model's accuracy on it
 BREAK_PCT = 90.0
 
-COLUMNS: list[tuple[str | tuple[str, str], str]] = [
-    ("method", "method"),
-    ("site", "site"),
-    (("acc", "acc_se"), "accuracy"),
-    ("pct_text", "% of full"),
-    (("agreement", "agreement_se"), "agreement"),
-    *[(f"acc_{k}", k) for k in KINDS],
-    ("tokens_text", "tokens"),
-    (("ttft_ratio", "ttft_iqr"), "TTFT ratio"),
-    (("decode_ratio", "decode_iqr"), "decode speed"),
-    ("kv_mb", "KV MB"),
-    ("flops_ratio", "FLOPs"),
-]
+
+def columns(kinds: Sequence[str] = KINDS) -> list[tuple[str | tuple[str, str], str]]:
+    """The per-budget table's columns, with a per-type accuracy column for each of `kinds`."""
+    return [
+        ("method", "method"),
+        ("site", "site"),
+        (("acc", "acc_se"), "accuracy"),
+        ("pct_text", "% of full"),
+        (("agreement", "agreement_se"), "agreement"),
+        *[(f"acc_{k}", k) for k in kinds],
+        ("tokens_text", "tokens"),
+        (("ttft_ratio", "ttft_iqr"), "TTFT ratio"),
+        (("decode_ratio", "decode_iqr"), "decode speed"),
+        ("kv_mb", "KV MB"),
+        ("flops_ratio", "FLOPs"),
+    ]
+
+
+COLUMNS = columns(KINDS)
+#: how a budget is named in the text: "85 tokens" (the video report: "50% (1024 tokens)")
+Label = Callable[[Any], str]
 
 
 def _f(v: float | None, se: float | None = None, d: int = 3) -> str:
@@ -51,20 +65,26 @@ def measured_accuracy(
     return p, (p * (1 - p) / n) ** 0.5
 
 
+def _tokens(keep: Any) -> str:
+    return f"{keep} tokens"
+
+
 def winners(
     rows: list[dict[str, Any]],
     chance: dict[str, float] | None = None,
     n_by_type: dict[str, int] | None = None,
+    kinds: Sequence[str] = KINDS,
+    label: Label = _tokens,
 ) -> str:
     """One line per budget: the most accurate method, and those within one standard error.
 
-    With `chance` and `n_by_type`, accuracy is taken over the question types the unreduced
-    model answers above chance only (:func:`near_chance`): on the others any answer is a guess,
-    and their noise would pick the winner."""
+    With `chance` and `n_by_type`, accuracy is taken over the question types (of `kinds`) the
+    unreduced model answers above chance only (:func:`near_chance`): on the others any answer
+    is a guess, and their noise would pick the winner."""
     if not rows or rows[0]["method"] != "unreduced":
         return ""
-    skip = near_chance(rows, chance) if chance is not None and n_by_type is not None else []
-    kinds = [k for k in KINDS if k not in skip]
+    skip = near_chance(rows, chance, kinds) if chance is not None and n_by_type is not None else []
+    kinds = [k for k in kinds if k not in skip]
     measured = bool(skip and kinds)
 
     def acc(r: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -90,7 +110,7 @@ def winners(
         cheap = min((x[0] for x in at), key=lambda r: r["flops_ratio"])
         pct = 100 * a / base if base else None
         text = (
-            f"- **{keep} tokens**: {best['method']} at {_f(a, se)} "
+            f"- **{label(keep)}**: {best['method']} at {_f(a, se)} "
             f"({_f(pct, d=0)}% of full, agreement {_f(best['agreement'], d=2)})"
         )
         text += f"; within one standard error: {', '.join(tied)}" if tied else "; alone"
@@ -99,14 +119,16 @@ def winners(
     return "\n".join(lines)
 
 
-def retention(rows: list[dict[str, Any]]) -> dict[str, dict[int, float | None]]:
-    """Per question type and budget: the median over methods of the % of the unreduced
-    model's accuracy on that type."""
+def retention(
+    rows: list[dict[str, Any]], kinds: Sequence[str] = KINDS
+) -> dict[str, dict[float, float | None]]:
+    """Per question type (of `kinds`) and budget: the median over methods of the % of the
+    unreduced model's accuracy on that type."""
     import statistics
 
     keeps = sorted({r["keep"] for r in rows if r["method"] != "unreduced"}, reverse=True)
-    out: dict[str, dict[int, float | None]] = {}
-    for k in KINDS:
+    out: dict[str, dict[float, float | None]] = {}
+    for k in kinds:
         out[k] = {}
         for keep in keeps:
             at = [r for r in rows if r["keep"] == keep and r["method"] != "unreduced"]
@@ -115,22 +137,31 @@ def retention(rows: list[dict[str, Any]]) -> dict[str, dict[int, float | None]]:
     return out
 
 
-def near_chance(rows: list[dict[str, Any]], chance: dict[str, float]) -> list[str]:
-    """Question types on which the unreduced model is no better than chance (+ 5 points):
-    there is nothing for a reduction to break."""
+def near_chance(
+    rows: list[dict[str, Any]], chance: dict[str, float], kinds: Sequence[str] = KINDS
+) -> list[str]:
+    """Question types (of `kinds`) on which the unreduced model is no better than chance
+    (+ 5 points): there is nothing for a reduction to break."""
     base = rows[0]
     return [
-        k for k in KINDS
+        k for k in kinds
         if base.get(f"acc_{k}") is None or base[f"acc_{k}"] <= chance.get(k, 0.0) + 0.05
     ]  # fmt: skip
 
 
-def breaks_first(rows: list[dict[str, Any]], chance: dict[str, float] | None = None) -> str:
-    """Which question type falls below :data:`BREAK_PCT` % of its unreduced accuracy first
-    (at the largest budget), as a sentence. Types the unreduced model answers at chance are
-    left out."""
-    ret = retention(rows)
-    skip = near_chance(rows, chance or {})
+def breaks_first(
+    rows: list[dict[str, Any]],
+    chance: dict[str, float] | None = None,
+    kinds: Sequence[str] = KINDS,
+    label: Label | None = None,
+) -> str:
+    """Which question type (of `kinds`) falls below :data:`BREAK_PCT` % of its unreduced
+    accuracy first (at the largest budget), as a sentence. Types the unreduced model answers
+    at chance are left out. `label` names a budget (default: "85 tokens", and the later
+    breaks bare: "count at 28")."""
+    ret = retention(rows, kinds)
+    skip = near_chance(rows, chance or {}, kinds)
+    name, then = (_tokens, str) if label is None else (label, label)
     note = (
         f" Left out: {', '.join(skip)} (the unreduced model is within 5 points of chance)."
         if skip
@@ -139,7 +170,7 @@ def breaks_first(rows: list[dict[str, Any]], chance: dict[str, float] | None = N
     ret = {k: v for k, v in ret.items() if k not in skip}
     if not ret:
         return "Not measurable: the unreduced model answers every type at chance." + note
-    broke: dict[str, int] = {}
+    broke: dict[str, float] = {}
     for k, per in ret.items():
         for keep, v in per.items():  # largest budget first
             if v is not None and v < BREAK_PCT:
@@ -153,12 +184,12 @@ def breaks_first(rows: list[dict[str, Any]], chance: dict[str, float] | None = N
     first = max(broke.values())
     at = sorted((k for k in broke if broke[k] == first), key=lambda k: ret[k][first])
     rest = ", ".join(
-        f"{k} at {v}" for k, v in sorted(broke.items(), key=lambda x: -x[1]) if k not in at
+        f"{k} at {then(v)}" for k, v in sorted(broke.items(), key=lambda x: -x[1]) if k not in at
     )
     held = [k for k in ret if k not in broke]  # the measured types that never broke
     verb = "breaks" if len(at) == 1 else "break"
     return (
-        f"**{', '.join(at)}** {verb} first: at {first} tokens the median method keeps "
+        f"**{', '.join(at)}** {verb} first: at {name(first)} the median method keeps "
         f"{ret[at[0]][first]:.0f}% of the unreduced accuracy on it (below {BREAK_PCT:g}%)."
         + (f" Then: {rest}." if rest else "")
         + (f" Never below {BREAK_PCT:g}%: {', '.join(held)}." if held else "")
@@ -216,45 +247,87 @@ def counting(
 
 
 def markdown(cfg: Any, result: dict[str, Any], meta: dict[str, Any]) -> str:
-    """The Markdown report of a run."""
+    """The Markdown report of a run (of the video task with ``cfg.video``)."""
     from .. import report
 
     rows, base = result["rows"], result["rows"][0]
-    n_by = result["n_by_type"]
+    n_by, chance = result["n_by_type"], result["chance"]
+    kinds = list(chance)  # the data's question types, in its order
+    video = cfg.video
+    label = _pct_label(cfg) if video else _tokens
     counts = ", ".join(f"{k} {v}" for k, v in n_by.items())
-    chance = ", ".join(f"{k} {v:.2f}" for k, v in result["chance"].items())
-    per_type = ", ".join(f"{k} {_f(base.get(f'acc_{k}'), d=2)}" for k in KINDS)
+    chances = ", ".join(f"{k} {v:.2f}" for k, v in chance.items())
+    per_type = ", ".join(f"{k} {_f(base.get(f'acc_{k}'), d=2)}" for k in kinds)
     load = result.get("other_load")
+    if video:
+        title = (
+            f"# tokenmerge bench: {cfg.model}, video task (visual token reduction on "
+            f"{cfg.frames}-frame clips)\n"
+        )
+        data = (
+            f"{cfg.model}: video clips of {cfg.frames} frames, {cfg.n_image} visual tokens per "
+            f"frame given back to back, {cfg.n_visual} per clip, which the adapter reduces as "
+            f"one clip. {sum(n_by.values())} held-out questions about what happens in a clip "
+            f"({cfg.split} split of the synthetic clips, seed {cfg.seed}; per type: "
+        )
+        budgets = (
+            "Budgets are the % of each clip's visual tokens kept ("
+            + ", ".join(f"{k:g}% = {cfg.tokens(k):g} tokens" for k in cfg.keeps)
+            + "), i.e. ratio = 1 - pct/100 of the whole clip, which a method may spread "
+            "unevenly over the frames. Frame subsampling keeps whole frames "
+            "(round(frames·pct/100), at least one), so its count is the nearest whole number "
+            "of frames. Projector methods reduce every clip once, before the LLM. Decoder "
+            "methods (such as FastV, at layer K=2) remove the same fraction of the clip's "
+            "tokens from layer K on: they run the first layers on every token, so at equal "
+            "kept tokens their FLOPs are higher.\n\n"
+        )
+        unit, tokens_note, fixed = (
+            "clip",
+            "pooling methods keep what their grids give, frame subsampling whole frames",
+            "the unchanged vision tower and projector on every frame, and the LM head",
+        )
+    else:
+        title = f"# tokenmerge bench: {cfg.model} (visual token reduction)\n"
+        data = (
+            f"{cfg.model}: {cfg.n_image} visual tokens per image. {sum(n_by.values())} held-out "
+            f"questions ({cfg.split} split of the synthetic scenes, seed {cfg.seed}; per type: "
+        )
+        budgets = (
+            "Budgets are visual tokens kept per image (LLaVA's 576 -> 192/128/64 scaled to "
+            f"{cfg.n_image}, plus an extreme one), i.e. ratio = 1 - keep/{cfg.n_image}. "
+            "Projector methods reduce every image once, before the LLM. Decoder methods (FastV "
+            "and HoliTom's inner merge at layer K=2, AIM's progressive pruning from layer "
+            "depth/2 to 3·depth/4) remove the same fraction of the image tokens from layer K "
+            "on: they run the first layers on every token, so at equal kept tokens their FLOPs "
+            "are higher.\n\n"
+        )
+        unit, tokens_note, fixed = (
+            "image",
+            "pooling methods keep what their grid gives",
+            "the unchanged vision tower, projector and LM head",
+        )
     notes = (
-        f"{cfg.model}: {cfg.n_image} visual tokens per image. {sum(n_by.values())} held-out "
-        f"questions ({cfg.split} split of the synthetic scenes, seed {cfg.seed}; per type: "
-        f"{counts}; the list is in the JSON's `meta.questions`), answered by greedy decoding "
-        f"(up to {cfg.max_new_tokens} tokens, batches of up to {cfg.batch_size} "
+        data + f"{counts}; the list is in the JSON's `meta.questions`), answered by greedy "
+        f"decoding (up to {cfg.max_new_tokens} tokens, batches of up to {cfg.batch_size} "
         + (
             "questions whose prompts have the same length, so no padding"
             if getattr(cfg, "same_length", False)
             else "questions, left-padded"
         )
         + ") and scored by first word against the gold answer. Chance per type: "
-        f"{chance}.\n\nUnreduced model: accuracy {_f(base.get('acc'), base.get('acc_se'))}; "
+        f"{chances}.\n\nUnreduced model: accuracy {_f(base.get('acc'), base.get('acc_se'))}; "
         f"per type {per_type}.\n\n"
-        "Budgets are visual tokens kept per image (LLaVA's 576 -> 192/128/64 scaled to "
-        f"{cfg.n_image}, plus an extreme one), i.e. ratio = 1 - keep/{cfg.n_image}. Projector "
-        "methods reduce every image once, before the LLM. Decoder methods (FastV and HoliTom's "
-        "inner merge at layer K=2, AIM's progressive pruning from layer depth/2 to 3·depth/4) "
-        "remove the same fraction of the image tokens from layer K on: they run the first "
-        "layers on every token, so at equal kept tokens their FLOPs are higher.\n\n"
-        "Columns: accuracy ± sqrt(p(1-p)/n); % of full = accuracy / the unreduced accuracy "
+        + budgets
+        + "Columns: accuracy ± sqrt(p(1-p)/n); % of full = accuracy / the unreduced accuracy "
         "(± bootstrap SE over questions, paired); agreement = share of answers equal to the "
         "unreduced model's (± bootstrap SE); per-type accuracy; tokens = visual tokens the "
-        "last LLM layer held per image, read from the runtime (pooling methods keep what their "
-        "grid gives); TTFT ratio = patched / unpatched time to the first token (< 1 is faster) "
-        "and decode speed = patched / unpatched tokens per second after it (> 1 is faster), "
-        f"one question at batch 1, median of {cfg.timing_runs} interleaved pairs with the "
-        "interquartile range (min–max under 4 pairs); a range holding 1.0 is no measurable "
-        "change; KV MB = cache bytes per question after the prefill; FLOPs = analytic prefill "
-        "FLOPs / the unreduced model's (LLM layers at the token counts they ran on, plus the "
-        "unchanged vision tower, projector and LM head).\n\n"
+        f"last LLM layer held per {unit}, read from the runtime ({tokens_note}); TTFT ratio = "
+        "patched / unpatched time to the first token (< 1 is faster) and decode speed = "
+        "patched / unpatched tokens per second after it (> 1 is faster), one question at batch "
+        f"1, median of {cfg.timing_runs} interleaved pairs with the interquartile range "
+        "(min–max under 4 pairs); a range holding 1.0 is no measurable change; KV MB = cache "
+        "bytes per question after the prefill; FLOPs = analytic prefill FLOPs / the unreduced "
+        f"model's (LLM layers at the token counts they ran on, plus {fixed}).\n\n"
         + (
             f"Timing load: other processes kept {load:.2f} cores busy at most "
             f"(mean {result.get('other_load_mean') or 0:.2f}) during the timed pairs"
@@ -263,17 +336,30 @@ def markdown(cfg: Any, result: dict[str, Any], meta: dict[str, Any]) -> str:
             else ""
         )
     )
-    parts = [f"# tokenmerge bench: {cfg.model} (visual token reduction)\n", notes]
-    parts += ["## Which method wins\n", winners(rows, result["chance"], n_by), ""]
-    parts += ["## Which question type breaks first\n", breaks_first(rows, result["chance"]), ""]
-    parts += [_ret_table(rows)]
-    parts += ["## Counting and merging\n", counting(rows, n_by, result["chance"]), ""]
+    parts = [title, notes]
+    parts += ["## Which method wins\n", winners(rows, chance, n_by, kinds, label), ""]
+    broke = breaks_first(rows, chance, kinds, label if video else None)
+    parts += ["## Which question type breaks first\n", broke, ""]
+    parts += [_ret_table(rows, kinds, label)]
+    if not video:  # a question about the images' count questions
+        parts += ["## Counting and merging\n", counting(rows, n_by, chance), ""]
     for keep in sorted({r["keep"] for r in rows[1:]}, reverse=True):
         at = [base] + [r for r in rows if r["keep"] == keep and r["method"] != "unreduced"]
         at = [_display(r) for r in at]
-        parts += [f"## {keep} visual tokens kept (of {cfg.n_image})\n", report.table(at, COLUMNS)]
+        head = (
+            f"## {keep:g}% of the visual tokens kept ({cfg.tokens(keep):g} of {cfg.n_visual} "
+            "per clip)\n"
+            if video
+            else f"## {keep} visual tokens kept (of {cfg.n_image})\n"
+        )
+        parts += [head, report.table(at, columns(kinds))]
     parts.append(report.footer(meta))
     return "\n".join(parts)
+
+
+def _pct_label(cfg: Any) -> Label:
+    """The video report's budget names: "50% (1024 tokens)" (per clip)."""
+    return lambda pct: f"{pct:g}% ({cfg.tokens(pct):g} tokens)"
 
 
 def _display(row: dict[str, Any]) -> dict[str, Any]:
@@ -284,19 +370,20 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
     return row | {"pct_text": text, "tokens_text": "" if tokens is None else f"{tokens:.1f}"}
 
 
-def _ret_table(rows: list[dict[str, Any]]) -> str:
-    ret = retention(rows)
+def _ret_table(rows: list[dict[str, Any]], kinds: Sequence[str], label: Label) -> str:
+    ret = retention(rows, kinds)
     keeps = list(next(iter(ret.values())).keys())
-    head = "| type | " + " | ".join(f"{k} tokens" for k in keeps) + " |"
+    head = "| type | " + " | ".join(label(k) for k in keeps) + " |"
     lines = [head, "|" + "---|" * (len(keeps) + 1)]
     for kind, per in ret.items():
         lines.append(f"| {kind} | " + " | ".join(_f(per[k], d=0) for k in keeps) + " |")
     return "Median over methods of the % of unreduced accuracy kept:\n\n" + "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path, title: str) -> None:
-    """Accuracy against the visual tokens kept: overall and one panel per question type, a
-    line per method (dashed: decoder methods), the unreduced model and chance as references."""
+def plot(result: dict[str, Any], path: Path, title: str, video: bool = False) -> None:
+    """Accuracy against the visual tokens kept (``video``: the % of each clip's visual tokens
+    kept, both as measured): overall and one panel per question type, a line per method
+    (dashed: decoder methods), the unreduced model and chance as references."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,14 +392,18 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
     rows = [r for r in result["rows"] if r.get("acc") is not None]
     base, methods = rows[0], list(dict.fromkeys(r["method"] for r in rows[1:]))
     n_by, chance = result["n_by_type"], result["chance"]
-    overall = sum(chance[k] * n_by[k] for k in KINDS) / max(sum(n_by.values()), 1)
-    panels = [("acc", "overall", overall)] + [(f"acc_{k}", k, chance[k]) for k in KINDS]
+    kinds = list(chance)  # the data's question types, in its order
+    overall = sum(chance[k] * n_by[k] for k in kinds) / max(sum(n_by.values()), 1)
+    panels = [("acc", "overall", overall)] + [(f"acc_{k}", k, chance[k]) for k in kinds]
+    scale = 100 / base["tokens"] if video else 1.0  # tokens -> % of the clip's tokens
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     for ax, (key, label, chance) in zip(axes.flat, panels, strict=True):
         for i, m in enumerate(methods):
             pts = sorted(
-                (r["tokens"], r[key]) for r in rows if r["method"] == m and r.get(key) is not None
+                (r["tokens"] * scale, r[key])
+                for r in rows
+                if r["method"] == m and r.get(key) is not None
             )
             if pts:
                 xs, ys = zip(*pts, strict=True)
@@ -322,12 +413,16 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
                 )
         if base.get(key) is not None:
             ax.axhline(base[key], color="black", ls="--", lw=1, label="unreduced")
-            ax.plot([base["tokens"]], [base[key]], "k*", ms=9)
+            ax.plot([base["tokens"] * scale], [base[key]], "k*", ms=9)
         if chance is not None:
             ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_title(label)
-        ax.set_xlabel("visual tokens kept per image (measured)")
+        ax.set_xlabel(
+            "% of the clip's visual tokens kept (measured)"
+            if video
+            else "visual tokens kept per image (measured)"
+        )
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)

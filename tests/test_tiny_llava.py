@@ -181,3 +181,30 @@ def test_clips_of_frames_are_reduced_as_clips(vlm) -> None:
     assert (kept - text).tolist() == [N_IMAGE_TOKENS, 2 * N_IMAGE_TOKENS]
     with pytest.raises(ValueError, match="questions"):
         inputs.clips(clips, ["one question"])
+
+
+@real
+def test_video_projector_answers_clip_questions_from_their_answer_sets() -> None:
+    """tiny-llava-video (its projector checked against the pinned sha256) answers every type
+    of clip question with a word of that type's answer set, on held-out 8-frame clips; the
+    image projector answers them with shape names (what training on clips fixed)."""
+    import tokenmerge as tm
+    from tokenmerge.eval.vlm.clips import answer_sets, make_clip
+    from tokenmerge.eval.zoo import vlm as zvlm
+    from tokenmerge.eval.zoo.sources import sha256_file
+
+    model, inputs = tm.zoo.load("tiny-llava-video")
+    assert sha256_file(zvlm.VIDEO_PROJECTOR_FILE) == zvlm.VIDEO_PROJECTOR_SHA256
+    sets = answer_sets()
+    asked = {}
+    for i in range(12):
+        for q in make_clip(i, "test", frames=8).qas:
+            asked.setdefault(q.kind, (make_clip(i, "test", frames=8).frames, q))
+        if len(asked) == len(sets):
+            break
+    kinds = sorted(asked)
+    batch = inputs.clips([asked[k][0] for k in kinds], [asked[k][1].question for k in kinds])
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    for kind, word in zip(kinds, inputs.answers(out, batch), strict=True):
+        assert word in sets[kind], (kind, word)

@@ -207,7 +207,8 @@ def test_unknown_names() -> None:
     with pytest.raises(ValueError):
         zoo.load_vision("timm:")
     assert set(zoo.ZOO) == {
-        "dinov2-s", "minilm", "smollm2-135m", "qwen2.5-coder-0.5b", "tiny-llava"
+        "dinov2-s", "minilm", "smollm2-135m", "qwen2.5-coder-0.5b", "tiny-llava",
+        "tiny-llava-video",
     }  # fmt: skip
     assert all(isinstance(v, str) and v for v in zoo.ZOO.values())
 

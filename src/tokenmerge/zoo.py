@@ -91,6 +91,16 @@ CATALOG: dict[str, ZooModel] = {
             184,
             "MIT / Apache-2.0 (the parts); projector Apache-2.0",
         ),
+        ZooModel(
+            "tiny-llava-video",
+            "vlm",
+            "tiny-llava whose projector went on to learn questions about synthetic video clips "
+            "(8 frames given back to back, 2048 visual tokens): what changed, which way a shape "
+            "moved, how many appeared, a shape's colour at the start and the end",
+            "as tiny-llava; its video projector (2.2 MB) ships with tokenmerge",
+            184,
+            "MIT / Apache-2.0 (the parts); projector Apache-2.0",
+        ),
     )
 }
 
@@ -148,5 +158,5 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
     if kind == "vlm":
         from .eval.zoo.vlm import load_tiny_llava
 
-        return load_tiny_llava()
+        return load_tiny_llava(video=name == "tiny-llava-video")
     return loaders.load_causal_lm(name)

@@ -70,9 +70,9 @@ def asset_path(name: str) -> Path:
 
     ``dinov2-s`` -> the ONNX file, ``smollm2-135m`` -> the GGUF file,
     ``qwen2.5-coder-0.5b`` -> the GGUF assembled from its parts (in the cache folder),
-    ``minilm`` -> the model folder (all of whose files are checked), ``tiny-llava`` -> its
-    projector weights (the encoder's and the LLM's are those of ``dinov2-s`` and
-    ``smollm2-135m``).
+    ``minilm`` -> the model folder (all of whose files are checked), ``tiny-llava`` and
+    ``tiny-llava-video`` -> their projector weights (the encoder's and the LLM's are those of
+    ``dinov2-s`` and ``smollm2-135m``).
     """
     if name == "dinov2-s":
         return _asset_file(_DINOV2_ONNX)
@@ -84,4 +84,8 @@ def asset_path(name: str) -> Path:
         from .vlm import PROJECTOR_FILE, PROJECTOR_SHA256
 
         return verify_sha256(PROJECTOR_FILE, PROJECTOR_SHA256)
+    if name == "tiny-llava-video":
+        from .vlm import VIDEO_PROJECTOR_FILE, VIDEO_PROJECTOR_SHA256
+
+        return verify_sha256(VIDEO_PROJECTOR_FILE, VIDEO_PROJECTOR_SHA256)
     raise KeyError(f"Unknown zoo name {name!r}; known: {sorted(ZOO)}")

@@ -31,6 +31,8 @@ from .vision import load_vision
 __all__ = [
     "PROJECTOR_FILE",
     "PROJECTOR_SHA256",
+    "VIDEO_PROJECTOR_FILE",
+    "VIDEO_PROJECTOR_SHA256",
     "build_tiny_llava",
     "forward_from_features",
     "image_features",
@@ -40,6 +42,9 @@ __all__ = [
 
 PROJECTOR_FILE = Path(__file__).parent / "assets" / "tiny_llava_projector.safetensors"
 PROJECTOR_SHA256 = "f297749dd9b147bf9b9741e315798dba9d674f9abb82923fd14e02757d8e5bc4"
+#: ``tiny-llava-video``: the same projector trained on, from there, on synthetic clips
+VIDEO_PROJECTOR_FILE = PROJECTOR_FILE.with_name("tiny_llava_video_projector.safetensors")
+VIDEO_PROJECTOR_SHA256 = "d8346f6dc97dfa8c99bb1c3dace92c86aef8a59d8371035edee8303a4825a9d4"
 VISION_FEATURE_LAYER = -1
 
 
@@ -121,14 +126,18 @@ def load_projector(path: str | Path = PROJECTOR_FILE, sha256: str | None = PROJE
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def load_tiny_llava() -> tuple[nn.Module, Any]:
-    """``tiny-llava`` and its input builder (:class:`~tokenmerge.eval.vlm.prompt.TinyLlavaInputs`).
+def load_tiny_llava(video: bool = False) -> tuple[nn.Module, Any]:
+    """``tiny-llava`` and its input builder (:class:`~tokenmerge.eval.vlm.prompt.TinyLlavaInputs`);
+    ``video=True``: ``tiny-llava-video``, whose projector went on to learn the synthetic clips'
+    questions (``inputs.clips(clips, questions)``).
 
     >>> model, inputs = load_tiny_llava()
     >>> batch = inputs.batch([image], ["What shape is the red object?"])
     >>> inputs.answers(model.generate(**batch, max_new_tokens=4, do_sample=False), batch)
     ['circle']
     """
+    if video:
+        return build_tiny_llava(load_projector(VIDEO_PROJECTOR_FILE, VIDEO_PROJECTOR_SHA256))
     return build_tiny_llava(load_projector())
 
 

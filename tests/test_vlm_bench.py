@@ -9,10 +9,9 @@ import json
 
 import pytest
 import torch
-from vlm_models import IMAGE, PAD, make
+from vlm_models import IMAGE, PAD, make, visual_seen
 
 import tokenmerge as tm
-from tokenmerge.adapters.hf_decoder import runtime_of
 from tokenmerge.cli.main import main
 from tokenmerge.eval.vlm import bench as vb
 from tokenmerge.eval.vlm.cli import render, write
@@ -94,16 +93,9 @@ def test_rows_and_fields(setup):
 
 def test_tokens_are_what_the_runtime_saw(setup):
     model, inputs, images, items, _, result, _ = setup
+    batches = [inputs.batch([images[it["image"]]], [it["question"]]) for it in items]
     for row in result["rows"][1:]:
-        method = tm.get_method(row["method"], ratio=row["ratio"])
-        seen = []
-        for it in items:  # one question at a time: what the runtime saw for it
-            batch = inputs.batch([images[it["image"]]], [it["question"]])
-            with tm.patched(model, method), torch.inference_mode():
-                model(**batch)
-                last = runtime_of(model).last
-            text = batch["attention_mask"].sum(1) - (batch["input_ids"] == IMAGE).sum(1)
-            seen += (last.tokens_per_layer[-1] - text).tolist()
+        seen = visual_seen(model, tm.get_method(row["method"], ratio=row["ratio"]), batches)
         assert row["tokens"] == pytest.approx(sum(seen) / len(seen)), row["method"]
 
 

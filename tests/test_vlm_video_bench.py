@@ -13,10 +13,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from vlm_models import IMAGE, PAD, make
+from vlm_models import IMAGE, PAD, make, visual_seen
 
 import tokenmerge as tm
-from tokenmerge.adapters.hf_decoder import runtime_of
 from tokenmerge.cli.main import build_parser, main
 from tokenmerge.eval.vlm import bench as vb
 from tokenmerge.eval.vlm import clips as vc
@@ -116,16 +115,9 @@ def test_rows_per_method_and_budget(setup):
 
 def test_tokens_are_what_the_runtime_saw_per_clip(setup):
     model, inputs, clips, items, _, result, _ = setup
+    batches = [inputs.clips([clips[it["video"]]], [it["question"]]) for it in items]
     for row in result["rows"][1:]:
-        method = tm.get_method(row["method"], ratio=row["ratio"])
-        seen = []
-        for it in items:  # one clip at a time: what the runtime saw for it
-            batch = inputs.clips([clips[it["video"]]], [it["question"]])
-            with tm.patched(model, method), torch.inference_mode():
-                model(**batch)
-                last = runtime_of(model).last
-            text = batch["attention_mask"].sum(1) - (batch["input_ids"] == IMAGE).sum(1)
-            seen += (last.tokens_per_layer[-1] - text).tolist()
+        seen = visual_seen(model, tm.get_method(row["method"], ratio=row["ratio"]), batches)
         assert row["tokens"] == pytest.approx(sum(seen) / len(seen)), row["method"]
 
 

@@ -258,3 +258,19 @@ def outputs(model, inputs: dict, method=None) -> tuple[torch.Tensor, torch.Tenso
         return run()
     with tm.patched(model, method):
         return run()
+
+
+def visual_seen(model, method, batches: list[dict]) -> list[int]:
+    """The visual tokens (``IMAGE`` placeholders kept) that the last LLM layer held for each
+    of ``batches`` (one question each) under ``method``, read from the runtime."""
+    import tokenmerge as tm
+    from tokenmerge.adapters.hf_decoder import runtime_of
+
+    seen = []
+    for batch in batches:
+        with tm.patched(model, method), torch.inference_mode():
+            model(**batch)
+            last = runtime_of(model).last
+        text = batch["attention_mask"].sum(1) - (batch["input_ids"] == IMAGE).sum(1)
+        seen += (last.tokens_per_layer[-1] - text).tolist()
+    return seen

@@ -13,6 +13,7 @@ from ..core.reduction import Reduction
 from ..core.state import Signals, TokenState
 from .base import has_work, register
 from .decoder import DecoderMethod
+from .projector.base import top_k
 
 
 def previous_in_cell(cell: Tensor, alive: Tensor) -> Tensor:
@@ -104,11 +105,7 @@ class FrameFusion(DecoderMethod):
         other = h.gather(1, prev.clamp_min(0)[..., None].expand_as(h))
         sim = torch.where(ok, (h * other).sum(-1), -math.inf)
         # the most similar of those above the threshold, at most r of them
-        order = sim.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(n, device=order.device).expand(b, n)
-        )
-        merge = ok & (sim >= self.similarity) & (rank < r[:, None])
+        merge = top_k(sim, ok & (sim >= self.similarity), r)
         ar = torch.arange(n, device=sig.x.device).expand(b, n)
         root = torch.where(merge, prev, ar)
         for _ in range(max(1, math.ceil(math.log2(max(n, 2))))):  # follow runs to their start

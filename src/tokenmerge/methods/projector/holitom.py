@@ -251,21 +251,17 @@ class HoliTom(ProjectorMethod):
         c = min(q - n_dom, len(rest))
         centre_of = torch.arange(m, device=x.device)  # per position: its centre (itself if kept)
         member = torch.zeros(m, dtype=torch.bool, device=x.device)
-        if c > 0:
-            centres, assign = dpc_knn(g[rest], c, min(self.knn, c))
-            centre_of[rest] = rest[centres[assign]]
-            member[rest] = True
-            member[rest[centres]] = False
         kept = dom.clone()
         if c > 0:
-            kept[rest[centres]] = True
-        count = torch.zeros(m, device=x.device).index_add_(
-            0, centre_of[member], member[member].float()
-        )
+            centres, assign = dpc_knn(g[rest], c, min(self.knn, c))
+            centre = rest[centres]
+            centre_of[rest] = centre[assign]
+            member[rest] = True
+            member[centre] = False
+            kept[centre] = True
+        count = torch.bincount(centre_of[member], minlength=m).float()
         beta = torch.where(count > 0, self.beta, 1.0)
         w = torch.where(member, (1.0 - beta[centre_of]) / count[centre_of].clamp_min(1), beta)
         go = kept | member
-        dest = rep[centre_of]
-        for t in range(length):
-            target[tok[t][go]] = dest[go]
-            weight[tok[t][go]] = w[go] / length
+        target[tok[:, go]] = rep[centre_of][go]  # every frame's token of a position alike
+        weight[tok[:, go]] = w[go] / length

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from vlm_models import IMAGE, PAD, make, visual_seen
+from vlm_models import FakeInputs, half_right, make, visual_seen
 
 import tokenmerge as tm
 from tokenmerge.cli.main import main
@@ -17,28 +17,7 @@ from tokenmerge.eval.vlm import bench as vb
 from tokenmerge.eval.vlm.cli import render, write
 from tokenmerge.eval.vlm.scenes import KINDS
 
-N_IMAGE = 16
-
-
-class FakeInputs:
-    """``TinyLlavaInputs``' interface for the tiny LLaVA: image tokens, then the question as
-    a few token ids; the answer is the first generated token id (as text)."""
-
-    image_token_id = IMAGE
-    n_image_tokens = N_IMAGE
-
-    def batch(self, images, questions):
-        rows = [
-            [1, 5, *[IMAGE] * N_IMAGE, *[10 + ord(c) % 80 for c in q[:3]], 7] for q in questions
-        ]
-        rows = [r[: len(r) - (i % 2)] for i, r in enumerate(rows)]  # different lengths: padding
-        width = max(map(len, rows))
-        ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(images)}
-
-    def answers(self, generated, batch):
-        return [str(int(t)) for t in generated[:, batch["input_ids"].shape[1]]]
+N_IMAGE = FakeInputs.n_image_tokens
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +31,8 @@ def setup():
         for i in range(10)
     ]  # fmt: skip
     inputs = FakeInputs()
-    # gold answers: the unreduced model's for every other question (accuracy 0.5)
     batch = inputs.batch([images[it["image"]] for it in items], [it["question"] for it in items])
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
-    for it, a in zip(items, inputs.answers(out, batch), strict=True):
-        it["answer"] = a if it["id"] % 2 == 0 else "none"
+    half_right(model, inputs, batch, items)
     cfg = vb.VLMBenchConfig(
         model="tiny-llava", methods=("random_proj", "downsample_proj", "fastv"), keeps=(8,),
         n=10, batch_size=4, max_new_tokens=2, decode_tokens=2, timing_runs=1, timing_warmup=0,

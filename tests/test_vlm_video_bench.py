@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from vlm_models import IMAGE, PAD, make, visual_seen
+from vlm_models import FakeInputs, half_right, make, visual_seen
 
 import tokenmerge as tm
 from tokenmerge.cli.main import build_parser, main
@@ -22,34 +22,10 @@ from tokenmerge.eval.vlm import clips as vc
 from tokenmerge.eval.vlm.cli import _config_json, config, render, write
 from tokenmerge.eval.vlm.clips import CLIP_KINDS
 
-N_IMAGE, FRAMES = 16, 2
+N_IMAGE, FRAMES = FakeInputs.n_image_tokens, 2
 N_CLIP = N_IMAGE * FRAMES
 METHODS = ("frame_subsample", "random_proj", "downsample_proj", "fastv")
 PCTS = (50, 25)
-
-
-class FakeClipInputs:
-    """``TinyLlavaInputs.clips``' interface for the tiny LLaVA: a clip's frames as image
-    tokens back to back, then the question as a few token ids; the answer is the first
-    generated token id (as text). It has no ``batch``: images are not asked about."""
-
-    image_token_id = IMAGE
-    n_image_tokens = N_IMAGE
-
-    def clips(self, clips, questions):
-        rows = [
-            [1, 5, *[IMAGE] * (N_IMAGE * len(c)), *[10 + ord(ch) % 80 for ch in q[:3]], 7]
-            for c, q in zip(clips, questions, strict=True)
-        ]
-        rows = [r[: len(r) - (i % 2)] for i, r in enumerate(rows)]  # different lengths: padding
-        width = max(map(len, rows))
-        ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        frames = torch.stack([f for c in clips for f in c])
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": frames}
-
-    def answers(self, generated, batch):
-        return [str(int(t)) for t in generated[:, batch["input_ids"].shape[1]]]
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +38,9 @@ def setup():
          "question": f"q{i} {CLIP_KINDS[i % 5]}", "answer": "?"}
         for i in range(10)
     ]  # fmt: skip
-    inputs = FakeClipInputs()
-    # gold answers: the unreduced model's for every other question (accuracy 0.5 per type)
+    inputs = FakeInputs()
     batch = inputs.clips([clips[it["video"]] for it in items], [it["question"] for it in items])
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
-    for it, a in zip(items, inputs.answers(out, batch), strict=True):
-        it["answer"] = a if it["id"] % 2 == 0 else "none"
+    half_right(model, inputs, batch, items)  # accuracy 0.5 per type
     cfg = vb.VLMBenchConfig(
         model="tiny-llava", tasks=frozenset({"video"}), methods=METHODS, keeps=PCTS,
         frames=FRAMES, n=10, batch_size=4, max_new_tokens=2, decode_tokens=2, timing_runs=1,

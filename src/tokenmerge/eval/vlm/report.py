@@ -276,9 +276,12 @@ def markdown(cfg: Any, result: dict[str, Any], meta: dict[str, Any]) -> str:
             + "), i.e. ratio = 1 - pct/100 of the whole clip, which a method may spread "
             "unevenly over the frames. Frame subsampling keeps whole frames "
             "(round(frames·pct/100), at least one), so its count is the nearest whole number "
-            "of frames. Projector methods reduce every clip once, before the LLM. Decoder "
-            "methods (such as FastV, at layer K=2) remove the same fraction of the clip's "
-            "tokens from layer K on: they run the first layers on every token, so at equal "
+            "of frames. Projector methods reduce every clip once, before the LLM; HoliTom then "
+            "merges again inside it (its in-LLM stage removes half of what entered, from layer "
+            "18/28 of the depth on), so its tokens column is the last layer's. Decoder methods "
+            "remove the same fraction of the clip's tokens by layer K=2 (FastV prunes at K; "
+            "FrameFusion merges adjacent frames' tokens at layers 0 and 1, up to the budget, "
+            "and prunes the rest at K): they run the first layers on more tokens, so at equal "
             "kept tokens their FLOPs are higher.\n\n"
         )
         unit, tokens_note, fixed = (

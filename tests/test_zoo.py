@@ -551,7 +551,7 @@ def test_smollm2_loads_generates_and_caches() -> None:
     # Uses the user's cache folder: the first run pays the ~25 s GGUF dequantisation once.
     model, tok = zoo.load_causal_lm("smollm2-135m")
     folder = zoo.cache_dir() / "smollm2-135m" / zoo.sources._SMOLLM2_GGUF.sha256[:16]
-    assert zoo.lm._cache_is_valid(folder, zoo.sources._SMOLLM2_GGUF.sha256)
+    assert zoo.convert.cache_is_valid(folder, zoo.sources._SMOLLM2_GGUF.sha256)
     assert not model.training and model.dtype == torch.float32
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

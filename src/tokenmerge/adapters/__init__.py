@@ -7,7 +7,7 @@ from . import hf_text, hf_vision, timm_vit  # noqa: F401  (registration)
 # the decoder adapter builds on transformers' Cache classes at import time; without
 # transformers (`pip install tokenmerge[timm]`) there is no decoder to patch
 if importlib.util.find_spec("transformers") is not None:
-    from . import hf_decoder, hf_vlm  # noqa: F401  (registration)
+    from . import hf_decoder, hf_vlm, hf_whisper  # noqa: F401  (registration)
 from .base import ADAPTERS, Adapter, ReductionNotApplied, UnsupportedModelError
 from .patch import Patch
 

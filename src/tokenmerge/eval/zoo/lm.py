@@ -3,7 +3,6 @@ checked, dequantised to float32 once and cached with ``save_pretrained``; hub na
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,38 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .convert import cache_is_valid, write_conversion
 from .sources import (
     _QWEN_CODER_PARTS,
     _QWEN_CODER_SHA256,
     _SMOLLM2_GGUF,
     _Asset,
     _asset_file,
-    _atomic_write_json,
     _require,
     _split_hub,
     cache_dir,
     sha256_file,
     verify_sha256,
 )
-
-_MANIFEST = "tokenmerge_manifest.json"
-
-
-def _cache_is_valid(folder: Path, source_sha: str) -> bool:
-    """True when `folder` holds a complete conversion of `source_sha` whose files are intact."""
-    manifest = folder / _MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        record = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return False
-    if record.get("source_sha256") != source_sha:
-        return False
-    files: dict[str, str] = record.get("files", {})
-    return bool(files) and all(
-        (folder / rel).is_file() and sha256_file(folder / rel) == sha for rel, sha in files.items()
-    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +75,7 @@ def _gguf_file(spec: _GGUFModel) -> Path:
 
 def _convert_gguf(gguf: Path, folder: Path, source_sha: str) -> None:
     """Dequantise a GGUF once and save a transformers folder (written atomically) whose
-    manifest records ``source_sha`` and every file's sha256 (:func:`_cache_is_valid`)."""
+    manifest records ``source_sha`` and every file's sha256 (:func:`.convert.cache_is_valid`)."""
     transformers = _require("transformers")
     _require("gguf")
     _require("accelerate")
@@ -113,24 +93,12 @@ def _convert_gguf(gguf: Path, folder: Path, source_sha: str) -> None:
     plain.load_state_dict(model.state_dict(), strict=True)
     plain.generation_config = model.generation_config
     del model
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache may be shared
-    try:
+
+    def write(tmp: Path) -> None:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        files = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        _atomic_write_json(tmp / _MANIFEST, {"source_sha256": source_sha, "files": files})
-        if folder.exists():
-            if _cache_is_valid(folder, source_sha):
-                return  # another process finished the same conversion first
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_conversion(folder, source_sha, write)
 
 
 def load_causal_lm(name: str = "smollm2-135m") -> tuple[nn.Module, Any]:
@@ -152,7 +120,7 @@ def load_causal_lm(name: str = "smollm2-135m") -> tuple[nn.Module, Any]:
     if spec is None:
         raise KeyError(f"Unknown causal LM {name!r}; use one of {sorted(_GGUF_LMS)} or 'hf:NAME'")
     folder = spec.folder
-    if not _cache_is_valid(folder, spec.sha256):
+    if not cache_is_valid(folder, spec.sha256):
         gguf = _gguf_file(spec)
         _convert_gguf(gguf, folder, spec.sha256)
         if len(spec.parts) > 1:

@@ -129,7 +129,12 @@ class TokenTransforming(Method):
         src = lowest(score, cand, r)
         tgt = cand & ~src
         kk = min(self.k, n)
-        val, idx = sim.masked_fill(~tgt[:, None, :], -torch.inf).topk(kk, dim=-1)
+        # a stable sort, not topk: exact ties (repeated words' keys) go to the lower index
+        # whatever the padded width, so a padded batch picks what each sequence alone does
+        val, idx = sim.masked_fill(~tgt[:, None, :], -torch.inf).sort(
+            dim=-1, descending=True, stable=True
+        )
+        val, idx = val[..., :kk], idx[..., :kk]
         real = val > -torch.inf
         if self.weights == "softmax":
             w = (val / self.temperature).softmax(-1)

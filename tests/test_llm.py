@@ -671,7 +671,7 @@ def test_a_reduced_cache_refuses_an_unpatched_model():
 def test_corpora_missing_or_corrupted_files_raise_clear_errors(tmp_path, monkeypatch):
     from tokenmerge.eval import corpora, zoo
 
-    monkeypatch.setenv("TOKENMERGE_DEBIAN_ROOT", str(tmp_path))
+    monkeypatch.setenv("TOKENMERGE_DEBIAN", str(tmp_path))
     monkeypatch.setattr(corpora, "SYSTEM_ROOTS", ())
     corpora.documents.cache_clear()
     try:

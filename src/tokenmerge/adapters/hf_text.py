@@ -7,7 +7,13 @@ post-LN ``*Layer`` blocks with ``attention.self.{query,key}``), and DistilBERT
 (the base ``*Model``, ``*ForSequenceClassification``, ``*ForMultipleChoice``,
 ``*ForNextSentencePrediction``); heads that need one output per input token, decoders and
 cross-attention are refused by name, and so are BERT-like encoders whose blocks differ
-(MPNet, DeBERTa, ALBERT, ModernBERT, ...).
+(DeBERTa, ALBERT, RoFormer, ...).
+
+Two position-aware families live in their own modules and register here
+(:func:`register_family`), so that everything below, sentence-transformers included, applies
+to them: MPNet (:mod:`.hf_mpnet`: relative position bias) and ModernBERT
+(:mod:`.hf_modernbert`: rotary positions, local attention). Their attention is evaluated at
+the kept tokens' original positions.
 
 How text differs from images:
 
@@ -43,8 +49,8 @@ pooling over that grid is exactly the mean of the merged tokens weighted by thei
 pooling reads the (protected, never merged) first token; max pooling sees each merged token
 once per source token, which leaves the maximum unchanged.
 
-Positions need no care here: all these families add absolute position embeddings before the
-first block, so merged tokens carry their positions in their features.
+Positions need no care in the families defined here: they add absolute position embeddings
+before the first block, so merged tokens carry their positions in their features.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ from .base import (
 )
 from .patch import Patch
 
-__all__ = ["HFText", "SentenceTransformers", "mean_pool"]
+__all__ = ["HFText", "SentenceTransformers", "TextFamily", "mean_pool", "register_family"]
 
 
 def _chunked(fn: Callable[[Tensor], Tensor], chunk: int, h: Tensor) -> Tensor:
@@ -105,32 +111,62 @@ _DISTILBERT = BlockSpec(
 )
 
 
+# Heads with one output per sequence; every other head is refused.
+_SEQUENCE_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
+
+
 @dataclass(frozen=True)
-class _Family:
+class TextFamily:
+    """One text-encoder family: how to find and run its blocks.
+
+    Attributes:
+        name: the family's name (``Target.family``), e.g. ``"hf-bert"``.
+        prefix: its model classes are ``<prefix>PreTrainedModel`` subclasses and its base
+            model is ``<prefix>Model``.
+        layer: the exact block class the spec was written for (any other is refused).
+        spec: how to run one block.
+        blocks: attribute path of the block list inside the base model.
+        heads: the accepted heads (``<prefix><head>``), all with one output per sequence.
+        check: further refusals for a model of this family, ``check(model, base)``: raises
+            :class:`UnsupportedModelError` naming the problem and the accepted values.
+        mlp_mats: weight matrices of the MLP (3 for a gated linear unit), for the FLOPs count.
+    """
+
     name: str
-    prefix: str  # model classes are ``<prefix>PreTrainedModel`` subclasses
-    layer: str  # the exact block class the spec was written for
+    prefix: str
+    layer: str
     spec: BlockSpec
+    blocks: str = "encoder.layer"
+    heads: tuple[str, ...] = _SEQUENCE_HEADS
+    check: Callable[[nn.Module, nn.Module], None] | None = None
+    mlp_mats: int = 2
 
 
-_FAMILIES = (
-    _Family("hf-bert", "Bert", "BertLayer", _BERT),
-    _Family("hf-roberta", "Roberta", "RobertaLayer", _BERT),
-    _Family("hf-xlm-roberta", "XLMRoberta", "XLMRobertaLayer", _BERT),
-    _Family("hf-camembert", "Camembert", "CamembertLayer", _BERT),
-    _Family("hf-electra", "Electra", "ElectraLayer", _BERT),
-    _Family("hf-ernie", "Ernie", "ErnieLayer", _BERT),
-    _Family("hf-data2vec-text", "Data2VecText", "Data2VecTextLayer", _BERT),
-    _Family("hf-distilbert", "DistilBert", "TransformerBlock", _DISTILBERT),
-)
+_FAMILIES: list[TextFamily] = [
+    TextFamily("hf-bert", "Bert", "BertLayer", _BERT),
+    TextFamily("hf-roberta", "Roberta", "RobertaLayer", _BERT),
+    TextFamily("hf-xlm-roberta", "XLMRoberta", "XLMRobertaLayer", _BERT),
+    TextFamily("hf-camembert", "Camembert", "CamembertLayer", _BERT),
+    TextFamily("hf-electra", "Electra", "ElectraLayer", _BERT),
+    TextFamily("hf-ernie", "Ernie", "ErnieLayer", _BERT),
+    TextFamily("hf-data2vec-text", "Data2VecText", "Data2VecTextLayer", _BERT),
+    TextFamily("hf-distilbert", "DistilBert", "TransformerBlock", _DISTILBERT, "transformer.layer"),
+]
+
+
+def register_family(fam: TextFamily) -> None:
+    """Add a text family (a module of its own, e.g. :mod:`.hf_mpnet`): :class:`HFText` and
+    :class:`SentenceTransformers` then accept its models."""
+    if any(f.prefix == fam.prefix for f in _FAMILIES):
+        raise ValueError(f"a text family for {fam.prefix}PreTrainedModel is already registered")
+    _FAMILIES.append(fam)
+
 
 # BERT-like encoders whose blocks differ: refused by name rather than patched half-way.
 _REFUSED = {
-    "MPNetPreTrainedModel": "its layers add a relative position bias and return tuples",
     "DebertaPreTrainedModel": "its disentangled attention needs relative positions per token",
     "DebertaV2PreTrainedModel": "its disentangled attention needs relative positions per token",
     "AlbertPreTrainedModel": "its layers are shared groups with a different structure",
-    "ModernBertPreTrainedModel": "it is pre-LN with rotary positions and local attention",
     "XLMRobertaXLPreTrainedModel": "its layers are pre-LN",
     "MobileBertPreTrainedModel": "its layers are bottleneck stacks",
     "LongformerPreTrainedModel": "its sliding-window attention is position-dependent",
@@ -139,12 +175,10 @@ _REFUSED = {
     "FunnelPreTrainedModel": "it pools tokens itself",
 }
 
-# Heads with one output per sequence; every other head is refused.
-_SEQUENCE_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
 _IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def _family_of(model: nn.Module) -> _Family | None:
+def _family_of(model: nn.Module) -> TextFamily | None:
     names = class_names(model)
     for fam in _FAMILIES:
         if f"{fam.prefix}PreTrainedModel" in names:
@@ -159,17 +193,18 @@ def _refusal(model: nn.Module) -> str | None:
     return None
 
 
-def _check_model(model: nn.Module, fam: _Family) -> nn.Module:
+def _check_model(model: nn.Module, fam: TextFamily) -> nn.Module:
     """Refuse, by name, a head, configuration or attention kernel we cannot merge under; return
     the base encoder (the module whose forward receives ``input_ids``/``attention_mask``)."""
     cls = type(model).__name__
     cfg = model.config
     is_base = cls.endswith("Model") and not cls.endswith("PreTrainedModel")
-    if not is_base and not cls.endswith(_SEQUENCE_HEADS):
+    if not is_base and not cls.endswith(fam.heads):
         raise UnsupportedModelError(
-            f"{fam.name}: {cls} needs one output per input token (or decodes); tokenmerge "
+            f"{fam.name}: {cls} needs one output per input token (or decodes, or reads the "
+            "original token grid); tokenmerge "
             f"merges tokens only for per-sequence outputs: the base {fam.prefix}Model or "
-            f"{', '.join(fam.prefix + h for h in _SEQUENCE_HEADS)}"
+            f"{', '.join(fam.prefix + h for h in fam.heads)}"
         )
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
         raise UnsupportedModelError(
@@ -189,14 +224,18 @@ def _check_model(model: nn.Module, fam: _Family) -> nn.Module:
             f"{fam.name}: the base model of {cls} is a {type(base).__name__}, not a "
             f"{fam.prefix}Model"
         )
+    if fam.check is not None:
+        fam.check(model, base)
     return base
 
 
-def _find_blocks(base: nn.Module, fam: _Family) -> list[nn.Module]:
-    """The encoder's layers (``encoder.layer`` for the BERT copies, ``transformer.layer`` for
-    DistilBERT); every one of them must be exactly the class the spec was written for."""
-    holder = getattr(base, "transformer" if fam.name == "hf-distilbert" else "encoder", None)
-    layers = getattr(holder, "layer", None)
+def _find_blocks(base: nn.Module, fam: TextFamily) -> list[nn.Module]:
+    """The encoder's layers (``fam.blocks``: ``encoder.layer`` for the BERT copies,
+    ``transformer.layer`` for DistilBERT); every one must be exactly the class the spec was
+    written for."""
+    layers: Any = base
+    for attr in fam.blocks.split("."):
+        layers = getattr(layers, attr, None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedModelError(f"{fam.name}: no list of {fam.layer} found in the model")
     blocks = list(layers)
@@ -204,10 +243,12 @@ def _find_blocks(base: nn.Module, fam: _Family) -> list[nn.Module]:
     return blocks
 
 
-def _cost(fam: _Family, cfg: Any, depth: int) -> CostModel:
+def _cost(fam: TextFamily, cfg: Any, depth: int) -> CostModel:
     if fam.name == "hf-distilbert":
         return CostModel(depth=depth, dim=cfg.dim, mlp_dim=cfg.hidden_dim)
-    return CostModel(depth=depth, dim=cfg.hidden_size, mlp_dim=cfg.intermediate_size)
+    return CostModel(
+        depth=depth, dim=cfg.hidden_size, mlp_dim=cfg.intermediate_size, mlp_mats=fam.mlp_mats
+    )
 
 
 def _config_special_ids(cfg: Any) -> set[int]:
@@ -307,7 +348,9 @@ def _make_init(
     return init
 
 
-def _text_target(model: nn.Module, fam: _Family, extra_special: set[int] = frozenset()) -> Target:
+def _text_target(
+    model: nn.Module, fam: TextFamily, extra_special: set[int] = frozenset()
+) -> Target:
     base = _check_model(model, fam)
     blocks = _find_blocks(base, fam)
     # The input ids and the padding are read where the model itself passes them (its
@@ -339,7 +382,9 @@ class HFText(Adapter):
     family = "hf-text"
     description = (
         "transformers BERT (MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ERNIE, "
-        "Data2VecText, DistilBERT encoders (base model or sequence-level heads; sdpa/eager)"
+        "Data2VecText, DistilBERT encoders (base model or sequence-level heads; sdpa/eager), "
+        "MPNet (relative position bias; eager) and ModernBERT (rotary, local attention; "
+        "sdpa/eager)"
     )
 
     def matches(self, model: nn.Module) -> bool:

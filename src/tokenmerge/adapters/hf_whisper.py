@@ -139,10 +139,11 @@ def _decoder_hooks(
     that checks each of them did."""
     layers = list(getattr(decoder, "layers", []))
     check_blocks(layers, "WhisperDecoderLayer", FAMILY)
-    # per decoder call: [cross-attentions that needed the bias, those that got it]
+    # per decoder call: the bias (computed once, from the encoder states it was given) and how
+    # many cross-attentions received it
     slots: dict[int, ContextSlot] = {}
 
-    def tally(patch: Patch) -> ContextSlot:
+    def call(patch: Patch) -> ContextSlot:
         if id(patch) not in slots:
             slots[id(patch)] = ContextSlot(f"tokenmerge_whisper_cross_{id(patch)}")
             patch.slots.append(slots[id(patch)])
@@ -150,7 +151,9 @@ def _decoder_hooks(
 
     def start(patch: Patch) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            tally(patch).set([0, 0])
+            keys = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            bias = cross_attention_bias(patch, keys) if isinstance(keys, Tensor) else None
+            call(patch).set({"keys": keys, "bias": bias, "got": 0})
 
         return hook
 
@@ -159,12 +162,14 @@ def _decoder_hooks(
             keys = kwargs.get("key_value_states")
             if not isinstance(keys, Tensor):
                 return None
-            bias = cross_attention_bias(patch, keys)
+            run = call(patch).get()
+            if run is not None and run["keys"] is keys:
+                bias = run["bias"]
+                run["got"] += bias is not None
+            else:  # called outside the decoder's forward
+                bias = cross_attention_bias(patch, keys)
             if bias is None:
                 return None
-            count = tally(patch).get()
-            if count is not None:
-                count[1] += 1
             mask = kwargs.get("attention_mask")
             return args, {**kwargs, "attention_mask": bias if mask is None else mask + bias}
 
@@ -172,19 +177,16 @@ def _decoder_hooks(
 
     def check(patch: Patch) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            keys = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-            count = tally(patch).get()
-            tally(patch).set(None)
-            if not isinstance(keys, Tensor) or cross_attention_bias(patch, keys) is None:
+            run = call(patch).get()
+            call(patch).set(None)
+            if run is None or run["bias"] is None or run["got"] == len(layers):
                 return
-            if count is None or count[1] != len(layers):
-                got = 0 if count is None else count[1]
-                raise not_applied(
-                    "block",
-                    patch.method,
-                    f"{got} of the decoder's {len(layers)} cross-attentions got the merged "
-                    "tokens' sizes (a framework change bypasses WhisperDecoderLayer.encoder_attn)",
-                )
+            raise not_applied(
+                "block",
+                patch.method,
+                f"{run['got']} of the decoder's {len(layers)} cross-attentions got the merged "
+                "tokens' sizes (a framework change bypasses WhisperDecoderLayer.encoder_attn)",
+            )
 
         return hook
 

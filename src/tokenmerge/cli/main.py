@@ -41,8 +41,10 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         if getattr(args, flag) not in (None, False) and kind != "vision":
             raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
-    # the VLM bench's entry point lives in its cli module (its package holds the data too)
-    module = importlib.import_module(f"tokenmerge.eval.{kind}" + (".cli" if kind == "vlm" else ""))
+    # the VLM and audio benches' entry points live in their cli modules (their packages hold
+    # the data too)
+    package = kind in ("vlm", "audio")
+    module = importlib.import_module(f"tokenmerge.eval.{kind}" + (".cli" if package else ""))
     return module.cli_main(args)
 
 
@@ -112,6 +114,7 @@ def _diagnostic(module: str, command: str) -> Callable[[argparse.Namespace], int
 def _report(args: argparse.Namespace) -> int:
     import json
 
+    from ..eval.audio.cli import render as render_audio
     from ..eval.llm.cli import render
     from ..eval.vision.cli import render as render_vision
     from ..eval.vlm.cli import render as render_vlm
@@ -130,6 +133,8 @@ def _report(args: argparse.Namespace) -> int:
             written = render_vision(path)
         elif config.get("bench") == "vlm":
             written = render_vlm(path)
+        elif config.get("bench") == "audio":
+            written = render_audio(path)
         else:
             path.with_suffix(".md").write_text(render(path))
             written = [".md"]
@@ -219,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--kind",
-        choices=["vision", "text", "llm", "vlm"],
+        choices=["vision", "text", "llm", "vlm", "audio"],
         help="the kind of a hf:/timm: model (default: the zoo model's own)",
     )
     b.add_argument(
@@ -228,14 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--methods",
         help="comma-separated registered methods (default: tome; LLMs: snapkv,pyramidkv,...; "
-        "VLMs: every projector and decoder method)",
+        "VLMs: every projector and decoder method; whisper-tiny-en: tome,pitome,dtome,random,"
+        "truncate)",
     )
     b.add_argument(
         "--budgets",
         help="comma-separated budgets: 8 (tokens removed per layer), 16:-1, list:8/8/4, "
         "keep:0.9 (per layer), tokens:64, flops:0.5; LLMs: compression factors 2,4,8; "
         "VLMs: visual tokens kept per image, 85,57,28,16; VLM --tasks video: %% of each clip's "
-        "visual tokens kept, 50,25,10,5 (default: the preset's)",
+        "visual tokens kept, 50,25,10,5; whisper-tiny-en: tokens left after the encoder, "
+        "750,375,188,94 (default: the preset's)",
     )
     b.add_argument(
         "--budgets-for",
@@ -278,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n",
         type=positive,
         help="samples for the quality tasks (vision: per data set, default 96; --full 1000; "
-        "VLMs: questions, balanced over the question types, default 100; --full 500)",
+        "VLMs: questions, balanced over the question types, default 100; --full 500; "
+        "whisper-tiny-en: speech clips, default 110)",
     )
     b.add_argument("--batch-size", type=positive, help="batch size (default: the preset's)")
     b.add_argument("--timing-runs", type=positive, help="interleaved timing pairs (default: 5)")

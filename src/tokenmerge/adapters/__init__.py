@@ -3,7 +3,7 @@
 import importlib.util
 
 # (registration; MPNet and ModernBERT register their text families in hf_text)
-from . import hf_modernbert, hf_mpnet, hf_text, hf_vision, timm_vit  # noqa: F401
+from . import hf_modernbert, hf_mpnet, hf_text, hf_vision, sentence_encoders, timm_vit  # noqa: F401
 
 # the decoder adapter builds on transformers' Cache classes at import time; without
 # transformers (`pip install tokenmerge[timm]`) there is no decoder to patch

@@ -140,20 +140,16 @@ def _decoder_hooks(
     layers = list(getattr(decoder, "layers", []))
     check_blocks(layers, "WhisperDecoderLayer", FAMILY)
     # per decoder call: the bias (computed once, from the encoder states it was given) and how
-    # many cross-attentions received it
-    slots: dict[int, ContextSlot] = {}
-
-    def call(patch: Patch) -> ContextSlot:
-        if id(patch) not in slots:
-            slots[id(patch)] = ContextSlot(f"tokenmerge_whisper_cross_{id(patch)}")
-            patch.slots.append(slots[id(patch)])
-        return slots[id(patch)]
+    # many cross-attentions received it; released with the patch (``Patch.slots``)
+    slot = ContextSlot(f"tokenmerge_whisper_cross_{id(decoder)}")
 
     def start(patch: Patch) -> Callable:
+        patch.slots.append(slot)
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             keys = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
             bias = cross_attention_bias(patch, keys) if isinstance(keys, Tensor) else None
-            call(patch).set({"keys": keys, "bias": bias, "got": 0})
+            slot.set({"keys": keys, "bias": bias, "got": 0})
 
         return hook
 
@@ -162,7 +158,7 @@ def _decoder_hooks(
             keys = kwargs.get("key_value_states")
             if not isinstance(keys, Tensor):
                 return None
-            run = call(patch).get()
+            run = slot.get()
             if run is not None and run["keys"] is keys:
                 bias = run["bias"]
                 run["got"] += bias is not None
@@ -177,8 +173,8 @@ def _decoder_hooks(
 
     def check(patch: Patch) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            run = call(patch).get()
-            call(patch).set(None)
+            run = slot.get()
+            slot.set(None)
             if run is None or run["bias"] is None or run["got"] == len(layers):
                 return
             raise not_applied(

@@ -225,12 +225,19 @@ def _calibration_batches(st: Any, cfg: TextBenchConfig, sets: dict[str, _Set]) -
     return out
 
 
-def _speed(st: Any, method: Method, data: _Set, n_items: int, runs: int) -> dict[str, float]:
-    """Throughput of the first ``n_items`` texts of a set (re-batched by length)."""
+def _speed(st: Any, method: Method, data: _Set, n_items: int, runs: int) -> dict[str, Any]:
+    """Throughput of the first ``n_items`` texts of a set (re-batched by length): the median
+    ratio, its interquartile range over the pairs, and the cores other processes took."""
     sub = _prepare(st, data.name, data.texts[:n_items], None, data.max_len, data.batch_size)
     feats = [f for _, f in sub.batches]
     t = compare(st, method, _run_batches, lambda bs: feats, [n_items], runs=runs, warmup=1)[0]
-    return {"speedup": t.ratio, "base_per_s": n_items / t.base_s, "per_s": n_items / t.reduced_s}
+    return {
+        "speedup": t.ratio,
+        "speedup_iqr": list(t.iqr) if t.iqr else None,
+        "other_load": t.other_load,
+        "base_per_s": n_items / t.base_s,
+        "per_s": n_items / t.reduced_s,
+    }
 
 
 def validate(cfg: TextBenchConfig) -> None:
@@ -322,6 +329,8 @@ def run(cfg: TextBenchConfig, progress: Callable[[int], None] | None = None) -> 
                     n_items = min(n_items, len(sets[k].texts))
                     sp = _speed(st, method, sets[k], n_items, cfg.timing_runs)
                     row[f"{k}_speedup"] = sp["speedup"]
+                    row[f"{k}_speedup_iqr"] = sp["speedup_iqr"]
+                    row[f"{k}_other_load"] = sp["other_load"]
                     row[f"{k}_base_per_s"] = sp["base_per_s"]
                     row[f"{k}_per_s"] = sp["per_s"]
                     row[f"{k}_timing_items"] = n_items
@@ -333,8 +342,8 @@ def run(cfg: TextBenchConfig, progress: Callable[[int], None] | None = None) -> 
 _COLUMNS = [
     ("method", "method"),
     ("budget", "budget"),
-    ("tweets_speedup", "speed-up tweets"),
-    ("docs_speedup", "speed-up docs"),
+    (("tweets_speedup", "tweets_speedup_iqr"), "speed-up tweets"),
+    (("docs_speedup", "docs_speedup_iqr"), "speed-up docs"),
     ("tweets_flops_ratio", "FLOPs tweets"),
     ("docs_flops_ratio", "FLOPs docs"),
     ("tweets_cosine", "cos tweets"),
@@ -350,6 +359,21 @@ _COLUMNS = [
     ("docs_cosine", "cos docs"),
     ("docs_cosine_p05", "cos p05 docs"),
 ]
+
+
+def _load_note(rows: list[dict[str, Any]]) -> str:
+    """How busy other processes kept the machine during the timed pairs."""
+    from .cpuload import LOADED_CORES
+
+    loads = [r[k] for r in rows for k in r if k.endswith("_other_load") and r[k] is not None]
+    if not loads:
+        return ""
+    top = max(loads)
+    rough = " (the machine was loaded: read the speed-ups as rough)" if top > LOADED_CORES else ""
+    return (
+        f" Speed-ups show the median and, in brackets, the interquartile range of the pairs; "
+        f"other processes took up to {top:.2f} cores during them{rough}."
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -409,7 +433,11 @@ def cli_main(args: argparse.Namespace) -> int:
     rows = result["rows"]
     report.write_json(out / f"{stem}.json", meta, rows)
     present = {k for r in rows for k in r}
-    cols = [c for c in _COLUMNS if c[0] in present or c[0] in ("method", "budget")]
+    cols = [
+        c
+        for c in _COLUMNS
+        if (c[0][0] if isinstance(c[0], tuple) else c[0]) in present or c[0] in ("method", "budget")
+    ]
     b = result["base"]
     sets = ", ".join(
         f"{k} n={v['n']} (max {v['max_len']} tokens)" for k, v in result["sets"].items()
@@ -426,7 +454,7 @@ def cli_main(args: argparse.Namespace) -> int:
         f"model with its fused attention, on {cfg.timing_tweets} tweets and {cfg.timing_docs} "
         "documents. FLOPs: analytic, each sample at its own length. Probes are trained on the "
         "unreduced embeddings (cross-fitted); drop = accuracy lost, agree = same prediction as "
-        "unreduced.\n"
+        "unreduced." + _load_note(rows) + "\n"
     )
     (out / f"{stem}.md").write_text(
         report.markdown(rows, cols, meta, f"tokenmerge bench: {cfg.model} (text)", notes)

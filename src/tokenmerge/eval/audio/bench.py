@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...adapters.base import ATTR
 from ...api import apply, remove, state, summary
 from ...core.budget import KeepRatio
 from ...methods import REGISTRY
@@ -140,7 +141,7 @@ def transcribe(
     texts: list[str] = []
     tokens: list[int] = []
     flops = 0.0
-    patched = hasattr(model, "_tokenmerge_patch")
+    patched = hasattr(model, ATTR)
     for i in range(0, len(feats), cfg.batch_size):
         batch = feats[i : i + cfg.batch_size]
         out = model.generate(batch, max_new_tokens=cfg.max_new_tokens, do_sample=False)

@@ -91,17 +91,14 @@ def write(args: argparse.Namespace, cfg: AudioBenchConfig, result: dict[str, Any
     from .. import report
     from .report import markdown, plot
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model)
     meta = report.provenance(cfg.seed)
     meta["config"] = {"bench": "audio", **dataclasses.asdict(cfg)}
     for k in SAVED:
         meta[k] = result[k]
-    report.write_json(out / f"{stem}.json", meta, result["rows"])
-    (out / f"{stem}.md").write_text(markdown(cfg, result, meta))
-    plot(cfg, result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json, .md, .png")
+    path = report.save(args.out, stem, meta, result["rows"], markdown(cfg, result, meta))
+    plot(cfg, result, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('')}.json, .md, .png")
     return 0
 
 

@@ -139,20 +139,17 @@ def write(args: argparse.Namespace, cfg: VLMBenchConfig, result: dict[str, Any])
     from .. import report
     from .report import markdown
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model)
     meta = report.provenance(cfg.seed)
     meta["config"] = _config_json(cfg)
     for k in SAVED:
         meta[k] = result[k]
-    report.write_json(out / f"{stem}.json", meta, result["rows"])
-    (out / f"{stem}.md").write_text(markdown(cfg, result, meta))
+    path = report.save(args.out, stem, meta, result["rows"], markdown(cfg, result, meta))
     written = ".json, .md"
     if any(r.get("acc") is not None for r in result["rows"]):
-        _plot(cfg, result, out / f"{stem}.png")
+        _plot(cfg, result, path.with_suffix(".png"))
         written += ", .png"
-    print(f"wrote {out / stem}{written}")
+    print(f"wrote {path.with_suffix('')}{written}")
     return 0
 
 

@@ -3,7 +3,16 @@
 import importlib.util
 
 # (registration; MPNet and ModernBERT register their text families in hf_text)
-from . import hf_modernbert, hf_mpnet, hf_text, hf_vision, sentence_encoders, timm_vit  # noqa: F401
+# (the diffusers adapter knows its models by class name: it needs no diffusers import)
+from . import (  # noqa: F401
+    diffusers,
+    hf_modernbert,
+    hf_mpnet,
+    hf_text,
+    hf_vision,
+    sentence_encoders,
+    timm_vit,
+)
 
 # the decoder adapter builds on transformers' Cache classes at import time; without
 # transformers (`pip install tokenmerge[timm]`) there is no decoder to patch

@@ -47,6 +47,7 @@ from .pruning import EViT, RandomPrune
 from .tofu import ToFu
 from .token_transforming import TokenTransforming
 from .tome import ToMe
+from .tomesd import ToMeSD
 from .visionzip import VisionZip
 
 for _m in pkgutil.iter_modules(__path__):
@@ -90,6 +91,7 @@ __all__ = [
     "TempMe",
     "ToFu",
     "ToMe",
+    "ToMeSD",
     "TokenTransforming",
     "VisionZip",
     "VisionZipProj",

@@ -37,8 +37,9 @@ NEEDS = frozenset({"keys", "queries"})
 
 #: Where a reduction acts (DESIGN.md, "Sites"): "block" = inside an encoder block between
 #: attention and MLP; "decoder" = LLM hidden states at layer K; "kv" = the KV cache;
-#: "projector" = encoder output before an LLM.
-SITES = frozenset({"block", "decoder", "kv", "projector"})
+#: "projector" = encoder output before an LLM; "unmerge" = tokens merged for one sub-layer of a
+#: diffusion model's transformer block and copied back after it (tomesd).
+SITES = frozenset({"block", "decoder", "kv", "projector", "unmerge"})
 
 REGISTRY: dict[str, type[Method]] = {}
 

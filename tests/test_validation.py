@@ -456,8 +456,10 @@ def test_float_fields_accept_float32(cls, field, hint):
 @pytest.mark.parametrize("value", [True, False, np.bool_(True), torch.tensor(False)], ids=repr)
 def test_bool_fields_accept_bool_types(cls, field, hint, value):
     base, _ = _valid(cls, field, "bool")
-    if issubclass(cls, KVMethod) and field == "prop_attn" and bool(value):
-        return  # KV methods refuse proportional attention (their own rule)
+    if issubclass(cls, (KVMethod, tm.ToMeSD)) and field == "prop_attn" and bool(value):
+        return  # KV methods and ToMeSD refuse proportional attention (their own rule)
+    if cls is tm.ToMeSD:  # it must merge around at least one sub-layer
+        base = dataclasses.replace(base, mlp=field != "mlp")
     built = dataclasses.replace(base, **{field: value})
     assert getattr(built, field) is bool(value)
 
@@ -559,13 +561,13 @@ def test_negative_ints_refused_where_counts(cls, field, hint):
     if field == "seed" or (cls, field) in ((M3, "layer"),) or field in ("start", "end"):
         return  # M3's layer counts from the end; AIM's start/end are checked by schedule(depth)
     base, _ = _valid(cls, field, "int")
-    with refused(r">= ?[01]|non-negative|positive", field):
+    with refused(r">= ?[01]|non-negative|positive|must be one of \(1,", field):
         dataclasses.replace(base, **{field: np.int64(-1)})
 
 
 @pytest.mark.parametrize("cls", [c for c in REGISTRY.values()], ids=lambda c: c.name)
 def test_method_r_accepts_integral_types_and_refuses_the_rest(cls):
-    if issubclass(cls, (KVMethod, DecoderMethod, ProjectorMethod)):
+    if issubclass(cls, (KVMethod, DecoderMethod, ProjectorMethod, tm.ToMeSD)):
         assert cls(r=np.int64(0)) == cls() and type(cls(r=np.int64(0)).r) is int
         with pytest.raises(ValueError, match="ratio="):
             cls(r=np.int64(8))

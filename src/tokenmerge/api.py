@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +20,26 @@ def supported_families() -> list[str]:
     return [f"{a.family}: {a.description}" for a in ADAPTERS]
 
 
-def apply(model: nn.Module, method: Method, *, input_scale: float | None = None) -> nn.Module:
+def denoiser(model: Any) -> nn.Module:
+    """``model`` itself, or the denoiser of a diffusers pipeline (its ``unet`` or
+    ``transformer``), so that ``tm.apply(pipe, tm.ToMeSD(...))`` works as tomesd's does."""
+    if isinstance(model, nn.Module):
+        return model
+    for attr in ("unet", "transformer"):
+        sub = getattr(model, attr, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    raise TypeError(
+        f"expected a torch.nn.Module, or a diffusers pipeline with a .unet or .transformer, "
+        f"got {type(model).__name__}"
+    )
+
+
+def apply(model: Any, method: Method, *, input_scale: float | None = None) -> Any:
     """Patch ``model`` in place so that ``method`` reduces its tokens; returns ``model``.
+
+    A diffusers pipeline is patched through its denoiser (``pipe.unet`` or
+    ``pipe.transformer``), and :func:`remove` takes the pipeline too.
 
     ``input_scale`` (vision models) also downsamples every input: each image side is resized
     to that fraction (whole patches) on entry, with the position table interpolated by the
@@ -33,6 +52,7 @@ def apply(model: nn.Module, method: Method, *, input_scale: float | None = None)
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokenmerge method (e.g. tm.ToMe(r=8)), got {method!r}")
+    outer, model = model, denoiser(model)
     if getattr(model, ATTR, None) is not None:
         raise ValueError(
             f"{type(model).__name__} is already patched with {getattr(model, ATTR).method}; "
@@ -55,7 +75,7 @@ def apply(model: nn.Module, method: Method, *, input_scale: float | None = None)
         )
     patch = Patch(model, method, adapter.target_for(model, method), input_scale=input_scale)
     patch.install()
-    return model
+    return outer
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -73,17 +93,15 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-def remove(model: nn.Module) -> nn.Module:
+def remove(model: Any) -> Any:
     """Undo :func:`apply`, restoring the original modules exactly; returns ``model``."""
-    patch = getattr(model, ATTR, None)
-    if patch is None:
-        raise ValueError(f"{type(model).__name__} is not patched by tokenmerge")
-    patch.release()
+    patch_of(model).release()
     return model
 
 
-def patch_of(model: nn.Module) -> Patch:
-    """The :class:`Patch` attached to ``model``."""
+def patch_of(model: Any) -> Patch:
+    """The :class:`Patch` attached to ``model`` (or to a pipeline's denoiser)."""
+    model = denoiser(model)
     patch = getattr(model, ATTR, None)
     if patch is None:
         raise ValueError(f"{type(model).__name__} is not patched by tokenmerge")
@@ -127,9 +145,7 @@ def summary(model: nn.Module) -> dict[str, object]:
 
 
 @contextmanager
-def patched(
-    model: nn.Module, method: Method, *, input_scale: float | None = None
-) -> Iterator[nn.Module]:
+def patched(model: Any, method: Method, *, input_scale: float | None = None) -> Iterator[Any]:
     """``with tm.patched(model, tm.ToMe(r=8)): ...`` applies on entry and removes on exit."""
     apply(model, method, input_scale=input_scale)
     try:

@@ -118,7 +118,7 @@ class _Runtime:
 
     # ------------------------------------------------------------------ the model
     def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        if getattr(module, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
             raise ValueError(
                 f"tokenmerge: {type(module).__name__} has gradient checkpointing on, which "
                 "re-runs its blocks outside the forward; disable it while ToMeSD is applied"
@@ -215,6 +215,11 @@ class _Runtime:
             red = step.merge
             if red is None:
                 return None
+            if name not in step.pending:
+                raise self._error(
+                    f"sub-layer {name} ran after block {step.records[-1].block} had finished "
+                    "(a block's forward hook was bypassed)"
+                )
             x = args[0] if args else kwargs.get("hidden_states")
             if not isinstance(x, Tensor) or x.shape[:2] != red.index.shape[:2]:
                 raise RuntimeError(
@@ -247,9 +252,9 @@ class _Runtime:
             red = step.merge
             if red is None:
                 return None
-            if name not in step.pending:
-                raise RuntimeError(f"tokenmerge: sub-layer {name} ran twice in one block")
             step.pending.remove(name)
+            if not step.pending:  # the block is done: later sub-layers run unmerged
+                step.merge = None
             if isinstance(output, tuple):  # SD3's joint attention: (image tokens, context)
                 return (red.unmerge(output[0]), *output[1:])
             return red.unmerge(output)
@@ -386,8 +391,8 @@ def diffusion_target(model: nn.Module, method: ToMeSD) -> Target:
     if missing:
         raise ValueError(
             f"ToMeSD({', '.join(f'{k}=True' for k in missing)}): the patched blocks of "
-            f"{type(model).__name__} have no such sub-layer (SD3's joint blocks have no "
-            "separate cross-attention)"
+            f"{type(model).__name__} have no such sub-layer (a class-conditional DiT has "
+            "no cross-attention; SD3's joint attention has none apart from self-attention"
         )
     rt = _Runtime(model, owners, blocks)
     pre: list[tuple[nn.Module, Callable]] = [(model, lambda p: rt.model_pre)]

@@ -89,7 +89,8 @@ def zoo_names() -> str:
         ),
         (
             ["bench", "--model", "hf:facebook/dinov2-small"],
-            "--model 'hf:facebook/dinov2-small' is a hub model: pass --kind vision, text or llm",
+            "--model 'hf:facebook/dinov2-small' is a hub model: pass --kind vision, text, llm, "
+            "audio or diffusion",
         ),
         (
             ["bench", "--model", "hf:", "--kind", "text"],

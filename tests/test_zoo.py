@@ -218,7 +218,7 @@ def test_unknown_names() -> None:
         zoo.load_vision("timm:")
     assert set(zoo.ZOO) == {
         "dinov2-s", "minilm", "mpnet", "smollm2-135m", "qwen2.5-coder-0.5b", "tiny-llava",
-        "tiny-llava-video", "whisper-tiny-en",
+        "tiny-llava-video", "whisper-tiny-en", "sd15-unet-random", "sdxl-unet-random",
     }  # fmt: skip
     assert all(isinstance(v, str) and v for v in zoo.ZOO.values())
 

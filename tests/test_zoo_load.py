@@ -35,7 +35,7 @@ def test_catalog_entries_are_complete() -> None:
     "name, kind, options, error, message",
     [
         ("dinov3-xl", None, {}, KeyError, "unknown model 'dinov3-xl'; zoo names: dinov2-s, minilm"),
-        ("hf:org/model", None, {}, ValueError, "needs kind= one of vision, text, llm, audio (got"),
+        ("hf:org/model", None, {}, ValueError, "one of vision, text, llm, audio, diffusion (got"),
         ("hf:org/model", "vlm", {}, ValueError, "needs kind= one of vision, text, llm, audio"),
         ("minilm", "vision", {}, ValueError, "'minilm' is a text model, not 'vision'"),
         ("timm:vit_small", "text", {}, ValueError, "timm models are vision models"),

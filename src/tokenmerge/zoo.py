@@ -6,6 +6,7 @@
 >>> model, tokenizer = tm.zoo.load("minilm")             # text encoder
 >>> model, inputs = tm.zoo.load("tiny-llava")            # VLM; inputs.batch(images, questions)
 >>> model, processor = tm.zoo.load("whisper-tiny-en")    # speech; a WhisperProcessor
+>>> unet, inputs = tm.zoo.load("sd15-unet-random")       # RANDOM weights; inputs(batch, 512)
 >>> model, tokenizer = tm.zoo.load("hf:facebook/dinov2-small", kind="vision")  # the hub
 >>> model, preprocess = tm.zoo.load("timm:./my_vit", kind="vision")  # a local folder
 
@@ -14,6 +15,11 @@ pinned sha256; conversions cached, see :func:`tokenmerge.eval.zoo.cache_dir`). `
 ``timm:NAME`` go through the same loaders: a hub id for users with network access, or a local
 folder (``hf:PATH``: what ``save_pretrained`` wrote; ``timm:PATH``: what
 ``timm.models.save_for_hf`` wrote), which works offline.
+
+The ``diffusion`` entries are the exception: no Stable Diffusion weights ship offline, so they
+are the published UNet architectures with random weights, for speed measurements only (a step
+takes the same time whatever the weights). ``hf:NAME`` with ``kind="diffusion"`` loads real
+weights (``UNet2DConditionModel.from_pretrained(NAME, subfolder="unet")``).
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from torch import nn
 
 __all__ = ["CATALOG", "KINDS", "ZooModel", "describe", "load"]
 
-KINDS: tuple[str, ...] = ("vision", "text", "llm", "vlm", "audio")
+KINDS: tuple[str, ...] = ("vision", "text", "llm", "vlm", "audio", "diffusion")
 #: the kinds hf:/timm: names can load
-_HUB_KINDS: tuple[str, ...] = ("vision", "text", "llm", "audio")
+_HUB_KINDS: tuple[str, ...] = ("vision", "text", "llm", "audio", "diffusion")
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,31 @@ CATALOG: dict[str, ZooModel] = {
             184,
             "MIT / Apache-2.0 (the parts); projector Apache-2.0",
         ),
+        # random weights: nothing is downloaded; size_mb is the float32 model in memory
+        ZooModel(
+            "sd15-unet-random",
+            "diffusion",
+            "Stable Diffusion 1.5's UNet architecture (runwayml/stable-diffusion-v1-5 unet "
+            "config, 859.5M) with RANDOM weights, for speed measurements only: its outputs "
+            "mean nothing; nothing is downloaded (the size is its float32 memory); real "
+            "weights: hf:NAME with kind diffusion",
+            "diffusers (architecture only, no weights)",
+            3438,
+            "Apache-2.0 (diffusers); no weights",
+            in_ci=False,
+        ),
+        ZooModel(
+            "sdxl-unet-random",
+            "diffusion",
+            "SDXL base 1.0's UNet architecture (stable-diffusion-xl-base-1.0 unet config, "
+            "2567.5M) with RANDOM weights, for speed measurements only: its outputs mean "
+            "nothing; nothing is downloaded (the size is its float32 memory); real weights: "
+            "hf:NAME with kind diffusion",
+            "diffusers (architecture only, no weights)",
+            10270,
+            "Apache-2.0 (diffusers); no weights",
+            in_ci=False,
+        ),
     )
 }
 
@@ -160,10 +191,14 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
     models (a ``WhisperProcessor``: log-mel features and the tokenizer), and
     ``(model, inputs)`` for VLMs, where
     ``inputs.batch(images, questions)`` builds the generation batch
-    (:class:`tokenmerge.eval.vlm.prompt.TinyLlavaInputs`).
+    (:class:`tokenmerge.eval.vlm.prompt.TinyLlavaInputs`), and ``(model, inputs)`` for
+    diffusion denoisers, where ``inputs(batch_size, resolution)`` builds one denoising step's
+    keyword arguments (:class:`tokenmerge.eval.zoo.diffusion.DiffusionInputs`; the zoo's
+    diffusion models have random weights, see :data:`CATALOG`).
 
     `name`: a zoo name (:data:`CATALOG`), or ``hf:NAME`` / ``timm:NAME`` with a hub id or a local
-    folder. `kind` (``"vision"``, ``"text"`` or ``"llm"``) is needed for ``hf:``/``timm:`` names.
+    folder. `kind` (``"vision"``, ``"text"``, ``"llm"``, ``"audio"`` or ``"diffusion"``) is needed
+    for ``hf:``/``timm:`` names.
     `options` go to the loader: ``backend="hf"|"timm"`` and ``image_size=`` for ``dinov2-s``
     (:func:`tokenmerge.eval.zoo.load_vision`). The vision loaders also return more (the
     saliency decoder, token features): see :mod:`tokenmerge.eval.zoo`.
@@ -171,6 +206,10 @@ def load(name: str, kind: str | None = None, **options: Any) -> tuple[nn.Module,
     from .eval import zoo as loaders
 
     kind = _kind_of(name, kind)
+    if kind == "diffusion":  # option: seed= (the random weights' seed)
+        from .eval.zoo.diffusion import load_diffusion
+
+        return load_diffusion(name, **options)
     if kind == "vision":
         vm = loaders.load_vision(name, **options)
         return vm.model, vm.preprocess

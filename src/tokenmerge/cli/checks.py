@@ -59,7 +59,10 @@ def check_model(name: str, kind: str | None, command: str = "bench") -> str:
         if not rest:
             raise ValueError(f"--model {name!r}: give a hub id or a folder after {prefix}:")
         if kind is None:
-            raise ValueError(f"--model {name!r} is a hub model: pass --kind vision, text or llm")
+            raise ValueError(
+                f"--model {name!r} is a hub model: pass --kind vision, text, llm, "
+                "audio or diffusion"
+            )
         if kind == "vlm":
             raise ValueError(
                 f"--model {name!r}: hub VLMs are not benchmarked; the VLM bench runs on the zoo's "

@@ -41,9 +41,9 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         if getattr(args, flag) not in (None, False) and kind != "vision":
             raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
-    # the VLM and audio benches' entry points live in their cli modules (their packages hold
-    # the data too)
-    package = kind in ("vlm", "audio")
+    # the VLM, audio and diffusion benches' entry points live in their cli modules (their
+    # packages hold the data and the report too)
+    package = kind in ("vlm", "audio", "diffusion")
     module = importlib.import_module(f"tokenmerge.eval.{kind}" + (".cli" if package else ""))
     return module.cli_main(args)
 
@@ -115,6 +115,7 @@ def _report(args: argparse.Namespace) -> int:
     import json
 
     from ..eval.audio.cli import render as render_audio
+    from ..eval.diffusion.cli import render as render_diffusion
     from ..eval.llm.cli import render
     from ..eval.vision.cli import render as render_vision
     from ..eval.vlm.cli import render as render_vlm
@@ -135,6 +136,8 @@ def _report(args: argparse.Namespace) -> int:
             written = render_vlm(path)
         elif config.get("bench") == "audio":
             written = render_audio(path)
+        elif config.get("bench") == "diffusion":
+            written = render_diffusion(path)
         else:
             path.with_suffix(".md").write_text(render(path))
             written = [".md"]
@@ -224,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--kind",
-        choices=["vision", "text", "llm", "vlm", "audio"],
+        choices=["vision", "text", "llm", "vlm", "audio", "diffusion"],
         help="the kind of a hf:/timm: model (default: the zoo model's own)",
     )
     b.add_argument(
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keep:0.9 (per layer), tokens:64, flops:0.5; LLMs: compression factors 2,4,8; "
         "VLMs: visual tokens kept per image, 85,57,28,16; VLM --tasks video: %% of each clip's "
         "visual tokens kept, 50,25,10,5; whisper-tiny-en: tokens left after the encoder, "
-        "750,375,188,94 (default: the preset's)",
+        "750,375,188,94; diffusion: ToMeSD ratios 0.3,0.5,0.6 (default: the preset's)",
     )
     b.add_argument(
         "--budgets-for",
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--param",
         action="append",
         help="METHOD.NAME=VALUE: a method's hyper-parameter, e.g. tome.prop_attn=false "
-        "(repeatable; LLMs also take bench.NAME=VALUE settings; default: none)",
+        "(repeatable; LLMs, Whisper and diffusion also take bench.NAME=VALUE settings, e.g. "
+        "bench.resolutions=512,1024; default: none)",
     )
     b.add_argument(
         "--tasks",
@@ -286,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         help="samples for the quality tasks (vision: per data set, default 96; --full 1000; "
         "VLMs: questions, balanced over the question types, default 100; --full 500; "
-        "whisper-tiny-en: speech clips, default 110)",
+        "whisper-tiny-en: speech clips, default 110; diffusion: random inputs per tiny model, "
+        "default 4)",
     )
     b.add_argument("--batch-size", type=positive, help="batch size (default: the preset's)")
     b.add_argument("--timing-runs", type=positive, help="interleaved timing pairs (default: 5)")

@@ -129,7 +129,8 @@ def markdown(cfg: Any, result: dict[str, Any], meta: dict[str, Any]) -> str:
         "latents `[B, 4, H/8, W/8]`, a timestep and 77 text embeddings (SDXL: also its pooled "
         "text embedding and size conditioning). The patched model is timed against the "
         "unpatched one (stock diffusers attention) on the same inputs, in interleaved pairs: "
-        f"{cfg.timing_runs} timed pair(s) after {cfg.timing_warmup} warm-up pair(s) per row; the "
+        f"{cfg.timing_runs} timed pair(s) per row, after {cfg.timing_warmup} warm-up pair(s) "
+        "before each resolution and batch size's first ratio; the "
         "speed-up is the median of the pairs' ratios (interquartile range); a row whose range "
         "holds 1.0 is *within noise*: no measurable speed-up. The step times are medians. "
         f"Device {m.get('device', 'cpu')}, {cfg.dtype}.\n",

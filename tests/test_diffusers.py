@@ -192,7 +192,7 @@ def test_options_choose_sublayers_and_levels():
         assert all(r.sublayers == ("ff",) for r in runtime_of(model).last)
 
 
-@pytest.mark.parametrize("name", ["unet", "sd3"])
+@pytest.mark.parametrize("name", MODELS)
 @torch.no_grad()
 def test_seeded_draws_are_deterministic_and_differ_by_seed(name):
     model, run = _make(name)
@@ -221,6 +221,17 @@ def test_every_step_and_block_gets_its_own_draw_and_cfg_halves_share_theirs():
     assert not torch.equal(base, dst(1, [500, 500], 0))
     mixed = dst(0, [500, 400], 0)
     assert torch.equal(mixed[0], base[0]) and torch.equal(mixed[1], dst(0, [400], 0)[0])
+
+
+@torch.no_grad()
+def test_sd3_skip_layer_guidance_skips_blocks_without_a_false_alarm():
+    model, _ = _make("sd3")
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 12, generator=g)
+    pooled, t = torch.randn(1, 10, generator=g), torch.tensor([500.0])
+    with tm.patched(model, tm.ToMeSD(ratio=0.5)):
+        model(x, ctx, pooled, t, skip_layers=[1])
+        assert [r.block for r in runtime_of(model).last] == ["transformer_blocks.0"]
 
 
 @pytest.mark.parametrize("name", ["unet", "pixart"])

@@ -127,6 +127,8 @@ class _Runtime:
         x = bound.get(self.first)
         if not isinstance(x, Tensor):
             raise ValueError(f"tokenmerge: {type(module).__name__} was called without {self.first}")
+        # SD3's skip-layer guidance skips blocks by position; a DiT's blocks are all patched,
+        # in order, so a block's index is its position
         skip = bound.get("skip_layers") or ()
         step = _Step(keys=_step_keys(bound.get("timestep"), x), expected=len(self.blocks))
         step.expected -= sum(1 for b in self.blocks if b.index in skip)

@@ -19,7 +19,7 @@ SPEED: list[tuple[str | tuple[str, str], str]] = [
     ("base_s", "unpatched step (s)"),
     ("patched_s", "patched step (s)"),
     (("speedup", "speedup_iqr"), "speed-up (IQR)"),
-    ("note", ""),
+    ("note", "note"),
 ]
 #: the fidelity table
 FIDELITY: list[tuple[str | tuple[str, str], str]] = [

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
+from .. import saved_run
 from .bench import KEEPS, AudioBenchConfig, planned_steps, validate
 
 #: ``--quick``: a smoke test (two methods, one budget, 12 clips, one timing pair)
@@ -71,14 +69,10 @@ def config(args: argparse.Namespace) -> AudioBenchConfig:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for Whisper (called by the CLI)."""
-    from tqdm import tqdm
-
     from .bench import run
 
     cfg = config(args)
-    with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
-        result = run(cfg, bar.update)
-    return write(args, cfg, result)
+    return write(args, cfg, saved_run.with_progress(planned_steps(cfg), lambda t: run(cfg, t)))
 
 
 #: the parts of a run's result kept in the JSON's ``meta``
@@ -91,11 +85,9 @@ def write(args: argparse.Namespace, cfg: AudioBenchConfig, result: dict[str, Any
     from .. import report
     from .report import markdown, plot
 
-    stem = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model)
-    meta = report.provenance(cfg.seed)
-    meta["config"] = {"bench": "audio", **dataclasses.asdict(cfg)}
-    for k in SAVED:
-        meta[k] = result[k]
+    conf = {"bench": "audio", **dataclasses.asdict(cfg)}
+    meta = saved_run.meta_of(cfg.seed, conf, result, SAVED)
+    stem = saved_run.stem(args.name, cfg.model)
     path = report.save(args.out, stem, meta, result["rows"], markdown(cfg, result, meta))
     plot(cfg, result, path.with_suffix(".png"))
     print(f"wrote {path.with_suffix('')}.json, .md, .png")
@@ -104,11 +96,8 @@ def write(args: argparse.Namespace, cfg: AudioBenchConfig, result: dict[str, Any
 
 def load(path: str | Path) -> tuple[AudioBenchConfig, dict[str, Any], dict[str, Any]]:
     """``(config, result, meta)`` of a saved run."""
-    saved = json.loads(Path(path).read_text())
-    meta, fields = saved["meta"], {f.name for f in dataclasses.fields(AudioBenchConfig)}
-    conf = {k: v for k, v in meta["config"].items() if k in fields}
-    cfg = AudioBenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
-    return cfg, {"rows": saved["rows"], **{k: meta.get(k) for k in SAVED}}, meta
+    conf, result, meta = saved_run.read(path, AudioBenchConfig, SAVED)
+    return AudioBenchConfig(**conf), result, meta
 
 
 def render(path: str | Path) -> list[str]:
@@ -116,8 +105,4 @@ def render(path: str | Path) -> list[str]:
     the suffixes written."""
     from .report import markdown, plot
 
-    path = Path(path)
-    cfg, result, meta = load(path)
-    path.with_suffix(".md").write_text(markdown(cfg, result, meta))
-    plot(cfg, result, path.with_suffix(".png"))
-    return [".md", ".png"]
+    return saved_run.rerender(path, load, markdown, plot)

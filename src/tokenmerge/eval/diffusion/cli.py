@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from .bench import METHOD, RATIOS, DiffusionBenchConfig, config_fields, planned_steps, validate
+from .. import saved_run
+from .bench import METHOD, RATIOS, DiffusionBenchConfig, planned_steps, validate
 
 #: ``--quick``: a smoke test on the tiny UNet (seconds on a CPU)
 QUICK: dict[str, Any] = {"arch": "tiny", "budgets": "0.5", "batches": (1,), "timing_runs": 1,
@@ -111,14 +110,10 @@ def config(args: argparse.Namespace) -> DiffusionBenchConfig:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for diffusion denoisers (called by the CLI)."""
-    from tqdm import tqdm
-
     from .bench import run
 
     cfg = config(args)
-    with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
-        result = run(cfg, bar.update)
-    return write(args, cfg, result)
+    return write(args, cfg, saved_run.with_progress(planned_steps(cfg), lambda t: run(cfg, t)))
 
 
 #: the parts of a run's result kept in the JSON's ``meta``
@@ -142,15 +137,12 @@ def write(args: argparse.Namespace, cfg: DiffusionBenchConfig, result: dict[str,
     from .. import report
     from .report import markdown, plot
 
-    tiny = "-tiny" if cfg.arch == "tiny" else ""
-    stem = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model) + tiny
-    meta = report.provenance(cfg.seed)
+    conf = {"bench": "diffusion", **dataclasses.asdict(cfg)}
+    meta = saved_run.meta_of(cfg.seed, conf, result, SAVED)
     meta["versions"]["diffusers"] = metadata.version("diffusers")
     if cfg.device != "cpu":
         meta["machine"]["device"] = f"{cfg.device} ({torch.cuda.get_device_name(cfg.device)})"
-    meta["config"] = {"bench": "diffusion", **dataclasses.asdict(cfg)}
-    for k in SAVED:
-        meta[k] = result[k]
+    stem = saved_run.stem(args.name, cfg.model + ("-tiny" if cfg.arch == "tiny" else ""))
     path = report.save(args.out, stem, meta, result["rows"], markdown(cfg, result, meta))
     plot(cfg, result, path.with_suffix(".png"))
     print(f"wrote {path.with_suffix('')}.json, .md, .png")
@@ -159,13 +151,8 @@ def write(args: argparse.Namespace, cfg: DiffusionBenchConfig, result: dict[str,
 
 def load(path: str | Path) -> tuple[DiffusionBenchConfig, dict[str, Any], dict[str, Any]]:
     """``(config, result, meta)`` of a saved run."""
-    saved = json.loads(Path(path).read_text())
-    meta, names = saved["meta"], config_fields()
-    conf = {k: v for k, v in meta["config"].items() if k in names}
-    cfg = DiffusionBenchConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()}
-    )
-    return cfg, {"rows": saved["rows"], **{k: meta.get(k) for k in SAVED}}, meta
+    conf, result, meta = saved_run.read(path, DiffusionBenchConfig, SAVED)
+    return DiffusionBenchConfig(**conf), result, meta
 
 
 def render(path: str | Path) -> list[str]:
@@ -173,8 +160,4 @@ def render(path: str | Path) -> list[str]:
     the suffixes written."""
     from .report import markdown, plot
 
-    path = Path(path)
-    cfg, result, meta = load(path)
-    path.with_suffix(".md").write_text(markdown(cfg, result, meta))
-    plot(cfg, result, path.with_suffix(".png"))
-    return [".md", ".png"]
+    return saved_run.rerender(path, load, markdown, plot)

@@ -8,12 +8,10 @@ images: ``--budgets`` are then the % of each clip's visual tokens kept (default 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
+from .. import saved_run
 from .bench import KEEPS, PCTS, TASKS, VIDEO, VLMBenchConfig, planned_steps, validate
 
 #: ``--quick``: a smoke test (3 methods, one budget, 10 questions, one timing pair)
@@ -110,14 +108,10 @@ def config(args: argparse.Namespace) -> VLMBenchConfig:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for VLMs (called by the CLI)."""
-    from tqdm import tqdm
-
     from .bench import run
 
     cfg = config(args)
-    with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
-        result = run(cfg, bar.update)
-    return write(args, cfg, result)
+    return write(args, cfg, saved_run.with_progress(planned_steps(cfg), lambda t: run(cfg, t)))
 
 
 #: the parts of a run's result kept in the JSON's ``meta``
@@ -139,30 +133,19 @@ def write(args: argparse.Namespace, cfg: VLMBenchConfig, result: dict[str, Any])
     from .. import report
     from .report import markdown
 
-    stem = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model)
-    meta = report.provenance(cfg.seed)
-    meta["config"] = _config_json(cfg)
-    for k in SAVED:
-        meta[k] = result[k]
+    meta = saved_run.meta_of(cfg.seed, _config_json(cfg), result, SAVED)
+    stem = saved_run.stem(args.name, cfg.model)
     path = report.save(args.out, stem, meta, result["rows"], markdown(cfg, result, meta))
-    written = ".json, .md"
-    if any(r.get("acc") is not None for r in result["rows"]):
-        _plot(cfg, result, path.with_suffix(".png"))
-        written += ", .png"
+    written = ".json, .md" + (", .png" if _plot(cfg, result, path.with_suffix(".png")) else "")
     print(f"wrote {path.with_suffix('')}{written}")
     return 0
 
 
 def load(path: str | Path) -> tuple[VLMBenchConfig, dict[str, Any], dict[str, Any]]:
     """``(config, result, meta)`` of a saved run."""
-    import json
-
-    saved = json.loads(Path(path).read_text())
-    meta, fields = saved["meta"], {f.name for f in dataclasses.fields(VLMBenchConfig)}
-    conf = {k: v for k, v in meta["config"].items() if k in fields}
-    conf = {k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()}
+    conf, result, meta = saved_run.read(path, VLMBenchConfig, SAVED)
     cfg = VLMBenchConfig(**conf | {"tasks": frozenset(conf.get("tasks", TASKS))})
-    return cfg, {"rows": saved["rows"], **{k: meta.get(k) for k in SAVED}}, meta
+    return cfg, result, meta
 
 
 def render(path: str | Path) -> list[str]:
@@ -170,21 +153,19 @@ def render(path: str | Path) -> list[str]:
     the suffixes written."""
     from .report import markdown
 
-    path = Path(path)
-    cfg, result, meta = load(path)
-    path.with_suffix(".md").write_text(markdown(cfg, result, meta))
-    if any(r.get("acc") is not None for r in result["rows"]):
-        _plot(cfg, result, path.with_suffix(".png"))
-        return [".md", ".png"]
-    return [".md"]
+    return saved_run.rerender(path, load, markdown, _plot)
 
 
-def _plot(cfg: VLMBenchConfig, result: dict[str, Any], path: Path) -> None:
+def _plot(cfg: VLMBenchConfig, result: dict[str, Any], path: Path) -> bool:
+    """The accuracy plot; False (nothing drawn) for a run that measured no accuracy."""
     from .report import plot
 
+    if all(r.get("acc") is None for r in result["rows"]):
+        return False
     what = (
         f"% of the visual tokens kept ({cfg.frames}-frame clips)"
         if cfg.video
         else "visual tokens kept"
     )
     plot(result, path, f"{cfg.model}: accuracy against {what}", video=cfg.video)
+    return True

@@ -13,130 +13,48 @@ import torch.nn.functional as F
 import tokenmerge as tm
 from tokenmerge.adapters import ReductionNotApplied, UnsupportedModelError
 from tokenmerge.adapters.diffusers import runtime_of
+from tokenmerge.eval.zoo.diffusion import TINY as ZOO_TINY
+from tokenmerge.eval.zoo.diffusion import DiffusionInputs, build
 from tokenmerge.methods.tomesd import grid_destinations, mix32, stream_keys
 
 diffusers = pytest.importorskip("diffusers")
 
-CTX = 16  # cross-attention width of the tiny models
-
-
-def _unet(sdxl: bool = False) -> torch.nn.Module:
-    common = dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        cross_attention_dim=CTX,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    if sdxl:  # SDXL's layout: no attention at the first level, linear projections, text_time
-        return diffusers.UNet2DConditionModel(
-            **common,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=8 * 6 + 12,
-        )
-    return diffusers.UNet2DConditionModel(
-        **common,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
+#: test name -> the zoo's tiny configuration (eval/zoo/diffusion.py)
+TINY = {
+    "unet": "tiny-unet",  # SD-1.5's layout: attention at 1/1 and 1/2
+    "sdxl": "tiny-sdxl-unet",  # SDXL's: none at 1/1, text_time conditioning
+    "dit": "tiny-dit",
+    "pixart": "tiny-pixart",
+    "sd3": "tiny-sd3",
+    "sd35": "tiny-sd3",  # with SD3.5's dual attention in its first block
+}
 
 
 def _make(name: str):
-    """``(model, run(model, batch, seed, timestep) -> output tensor)`` for a tiny config."""
-    torch.manual_seed(0)
-    if name in ("unet", "sdxl"):
-        model = _unet(sdxl=name == "sdxl")
-
-        def run(m, b=2, seed=1, t=500, size=16):
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(b, 4, size, size, generator=g)
-            ctx = torch.randn(b, 7, CTX, generator=g)
-            extra = {}
-            if name == "sdxl":
-                extra["added_cond_kwargs"] = {
-                    "text_embeds": torch.randn(b, 12, generator=g),
-                    "time_ids": torch.randn(b, 6, generator=g),
-                }
-            return m(x, t, ctx, **extra).sample
-
-    elif name == "dit":
-        model = diffusers.Transformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            sample_size=8,
-            patch_size=2,
-            norm_type="ada_norm_zero",
-            num_embeds_ada_norm=1000,
-            norm_elementwise_affine=False,
-        )
-
-        def run(m, b=2, seed=1, t=500, size=8):
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(b, 4, size, size, generator=g)
-            labels = torch.arange(b) % 10
-            return m(x, timestep=torch.full((b,), t), class_labels=labels).sample
-
-    elif name == "pixart":
-        model = diffusers.PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            sample_size=8,
-            patch_size=2,
-            cross_attention_dim=16,
-            caption_channels=12,
-            norm_num_groups=4,
-        )
-
-        def run(m, b=2, seed=1, t=500, size=8):
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(b, 4, size, size, generator=g)
-            ctx = torch.randn(b, 5, 12, generator=g)
-            cond = {"resolution": None, "aspect_ratio": None}
-            return m(x, ctx, timestep=torch.full((b,), t), added_cond_kwargs=cond).sample
-
-    elif name == "sd3":
-        model = diffusers.SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            caption_projection_dim=16,
-            pooled_projection_dim=10,
-            out_channels=4,
-            pos_embed_max_size=16,
-            dual_attention_layers=(0,),
-        )
-
-        def run(m, b=2, seed=1, t=500.0, size=8):
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(b, 4, size, size, generator=g)
-            ctx = torch.randn(b, 5, 12, generator=g)
-            pooled = torch.randn(b, 10, generator=g)
-            return m(x, ctx, pooled, torch.full((b,), float(t))).sample
-
+    """``(model, run(model, batch, seed, t, size) -> output)`` for a tiny config; ``size``
+    is the latent side, ``t`` the timestep of every sample."""
+    if name == "sd35":
+        torch.manual_seed(0)
+        config = {**ZOO_TINY["tiny-sd3"][1], "dual_attention_layers": (0,)}
+        model = diffusers.SD3Transformer2DModel(**config).eval()
     else:
-        raise KeyError(name)
-    return model.eval(), run
+        model = build(TINY[name], seed=0).eval()
+    inputs = DiffusionInputs.of(model)
+
+    def run(m, b=2, seed=1, t=500, size=16):
+        kw = _step(inputs, b, seed, t, size)
+        return m(**kw)[0]
+
+    return model, run
 
 
-MODELS = ["unet", "sdxl", "dit", "pixart", "sd3"]
+def _step(inputs: DiffusionInputs, b: int, seed: int, t: int, size: int) -> dict:
+    kw = inputs(b, 8 * size, seed=seed)
+    kw["timestep"] = t if inputs.family == "unet" else torch.full((b,), t)
+    return kw
+
+
+MODELS = list(TINY)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -144,7 +62,9 @@ MODELS = ["unet", "sdxl", "dit", "pixart", "sd3"]
 def test_ratio_zero_is_bit_identical_and_remove_restores(name):
     model, run = _make(name)
     ref = run(model)
-    with tm.patched(model, tm.ToMeSD(ratio=0.0, cross_attn=name not in ("sd3", "dit"), mlp=True)):
+    with tm.patched(
+        model, tm.ToMeSD(ratio=0.0, cross_attn=name not in ("sd3", "sd35", "dit"), mlp=True)
+    ):
         assert torch.equal(run(model), ref)
         assert all(r.kept == r.tokens for r in runtime_of(model).last)
     tm.apply(model, tm.ToMeSD(ratio=0.5))
@@ -170,9 +90,8 @@ def test_every_patched_block_merges_the_scheduled_count(name, ratio):
         assert rec.kept == rec.tokens - int(rec.tokens * ratio)
         assert rec.downsample == (2 if name == "sdxl" else 1)
     # every block of the highest-resolution level with attention, and no other
-    levels = {"unet": 3, "sdxl": 2 + 2 + 4, "dit": 2, "pixart": 2, "sd3": 2}
-    assert len(last) == levels[name]
-    subs = {"sd3": ("attn", "attn2"), "dit": ("attn1",)}.get(name, ("attn1",))
+    assert len(last) == (3 if name in ("unet", "sdxl") else 2)
+    subs = {"sd3": ("attn",), "sd35": ("attn", "attn2")}.get(name, ("attn1",))
     assert last[0].sublayers == subs
     cos = F.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
     assert cos > 0.5  # merged, not broken (random tiny weights)
@@ -186,7 +105,7 @@ def test_options_choose_sublayers_and_levels():
         last = runtime_of(model).last
     assert {r.downsample for r in last} == {1, 2}
     assert all(r.sublayers == ("attn1", "attn2", "ff") for r in last)
-    assert [r.tokens for r in last] == [256, 64, 64, 64, 64, 256, 256]
+    assert [r.tokens for r in last] == [256, 64, 64, 64, 256, 256]
     with tm.patched(model, tm.ToMeSD(ratio=0.5, self_attn=False, mlp=True)):
         run(model)
         assert all(r.sublayers == ("ff",) for r in runtime_of(model).last)
@@ -226,11 +145,9 @@ def test_every_step_and_block_gets_its_own_draw_and_cfg_halves_share_theirs():
 @torch.no_grad()
 def test_sd3_skip_layer_guidance_skips_blocks_without_a_false_alarm():
     model, _ = _make("sd3")
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 12, generator=g)
-    pooled, t = torch.randn(1, 10, generator=g), torch.tensor([500.0])
+    kw = _step(DiffusionInputs.of(model), 1, 0, 500, 16)
     with tm.patched(model, tm.ToMeSD(ratio=0.5)):
-        model(x, ctx, pooled, t, skip_layers=[1])
+        model(**kw, skip_layers=[1])
         assert [r.block for r in runtime_of(model).last] == ["transformer_blocks.0"]
 
 
@@ -242,21 +159,19 @@ def test_a_sample_does_not_depend_on_its_batch_neighbours(name):
         both = run(model, b=3)
         alone = run(model, b=3)  # same inputs
         assert torch.equal(both, alone)
-    # the first sample of a batch of 3, run in a batch of 1 with the same inputs
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 4, 16 if name == "unet" else 8, 16 if name == "unet" else 8, generator=g)
+    # the middle sample of a batch of 3, run in a batch of 1 with the same inputs
+    kw = _step(DiffusionInputs.of(model), 3, 5, 500, 16)
     with tm.patched(model, tm.ToMeSD(ratio=0.5)):
-        if name == "unet":
-            ctx = torch.randn(3, 7, CTX, generator=g)
-            full = model(x, 500, ctx).sample
-            one = model(x[1:2], 500, ctx[1:2]).sample
-        else:
-            ctx = torch.randn(3, 5, 12, generator=g)
-            cond = {"resolution": None, "aspect_ratio": None}
-            t = torch.full((3,), 500)
-            full = model(x, ctx, timestep=t, added_cond_kwargs=cond).sample
-            one = model(x[1:2], ctx[1:2], timestep=t[1:2], added_cond_kwargs=cond).sample
+        full = model(**kw)[0]
+        one = model(**_sample(kw, 1))[0]
     torch.testing.assert_close(full[1:2], one, rtol=1e-5, atol=1e-5)
+
+
+def _sample(kw, i):
+    """Sample ``i`` of a step's batched keyword arguments, as a batch of one."""
+    if isinstance(kw, dict):
+        return {k: _sample(v, i) for k, v in kw.items()}
+    return kw[i : i + 1] if isinstance(kw, torch.Tensor) and kw.dim() else kw
 
 
 # ------------------------------------------------------------------ the references
@@ -373,7 +288,7 @@ def _pipeline():
         vae=vae.eval(),
         text_encoder=None,
         tokenizer=None,
-        unet=_unet().eval(),
+        unet=build("tiny-unet", seed=0).eval(),
         scheduler=diffusers.DDIMScheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -386,8 +301,8 @@ def test_a_pipeline_is_patched_through_its_unet_and_ratio_zero_changes_no_pixel(
     pipe = _pipeline()
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
-    emb = torch.randn(1, 7, CTX, generator=g)
-    neg = torch.randn(1, 7, CTX, generator=g)
+    emb = torch.randn(1, 7, 32, generator=g)  # tiny-unet's cross-attention width
+    neg = torch.randn(1, 7, 32, generator=g)
 
     def images():
         return pipe(
@@ -426,7 +341,7 @@ def test_a_bypassed_sublayer_hook_raises_instead_of_returning_unmerged_results()
     attn._forward_pre_hooks.update(saved[0])
     attn._forward_hooks.update(saved[1])
     run(model)
-    blk = model.up_blocks[1].attentions[0].transformer_blocks[0]
+    blk = model.up_blocks[2].attentions[0].transformer_blocks[0]
     blk._forward_pre_hooks.clear()
     with pytest.raises(ReductionNotApplied, match="2 of the 3 patched transformer blocks"):
         run(model)
@@ -452,7 +367,7 @@ def test_options_are_checked_with_the_accepted_values():
 
 def test_models_and_methods_that_do_not_fit_are_refused_by_name():
     model, _ = _make("sdxl")
-    with pytest.raises(ValueError, match=r"factors \[2\]; use max_downsample=2"):
+    with pytest.raises(ValueError, match=r"factors \[2, 4\]; use max_downsample=2"):
         tm.apply(model, tm.ToMeSD(max_downsample=1))
     with pytest.raises(ValueError, match="'block' site, which the diffusers adapter"):
         tm.apply(model, tm.ToMe(r=4))
@@ -466,7 +381,7 @@ def test_models_and_methods_that_do_not_fit_are_refused_by_name():
         down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        cross_attention_dim=CTX,
+        cross_attention_dim=16,
         attention_head_dim=8,
         norm_num_groups=8,
     )
@@ -503,7 +418,7 @@ def test_grids_that_sx_sy_do_not_divide_and_non_square_latents():
     model, _ = _make("pixart")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 10, 14, generator=g)  # 5 x 7 tokens
-    ctx = torch.randn(1, 5, 12, generator=g)
+    ctx = torch.randn(1, 5, 24, generator=g)  # tiny-pixart's caption width
     cond = {"resolution": None, "aspect_ratio": None}
     with tm.patched(model, tm.ToMeSD(ratio=0.6, sx=2, sy=2)):
         out = model(x, ctx, timestep=torch.tensor([10]), added_cond_kwargs=cond).sample

@@ -298,6 +298,12 @@ def test_quick_cli_run_writes_json_and_markdown(tok, synthetic_corpora, monkeypa
     assert (tmp_path / "t.md").read_text() == md
     with pytest.raises(SystemExit, match="not a saved bench result"):
         main(["report", str(tmp_path / "t.md")])
+    # a result whose bench writes its report once is refused by name, not with a KeyError
+    for meta in ({"command": "tokenmerge bench --model minilm", "config": {"sets": []}},
+                 {"command": "tokenmerge bench-profile"}):  # fmt: skip
+        (tmp_path / "other.json").write_text(json.dumps({"meta": meta, "rows": []}))
+        with pytest.raises(SystemExit, match=f"written by `{meta['command']}`, whose report"):
+            main(["report", str(tmp_path / "other.json")])
 
 
 @torch.no_grad()

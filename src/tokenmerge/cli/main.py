@@ -124,7 +124,8 @@ def _report(args: argparse.Namespace) -> int:
         path = Path(name)
         if path.suffix != ".json" or not path.is_file():
             raise SystemExit(f"{name!r} is not a saved bench result (a .json file)")
-        config = json.loads(path.read_text())["meta"].get("config", {})
+        meta = json.loads(path.read_text()).get("meta", {})
+        config = meta.get("config") or {}
         if "dataset" in config:
             raise SystemExit(
                 f"{name!r} is a single-dataset vision run from before the per-dataset report; "
@@ -138,9 +139,15 @@ def _report(args: argparse.Namespace) -> int:
             written = render_audio(path)
         elif config.get("bench") == "diffusion":
             written = render_diffusion(path)
-        else:
+        elif "factors" in config:  # an LLM run
             path.with_suffix(".md").write_text(render(path))
             written = [".md"]
+        else:  # the text bench, bench-compile, bench-profile: their reports are written once
+            raise SystemExit(
+                f"{name!r} was written by `{meta.get('command', 'an unknown command')}`, whose "
+                "report is not remade from its JSON (the vision, LLM, VLM, speech and diffusion "
+                "benches' are); rerun that command to remake it"
+            )
         print(f"wrote {path.with_suffix('')}" + ", ".join(written))
     return 0
 

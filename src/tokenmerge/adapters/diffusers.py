@@ -72,6 +72,7 @@ class _Owner:
 @dataclass
 class _Block:
     name: str
+    module: nn.Module
     owner: int
     index: int  # among the patched blocks: keys the block's draw
     sublayers: list[tuple[str, nn.Module]]  # (attribute, module) merged around
@@ -373,21 +374,15 @@ def diffusion_target(model: nn.Module, method: ToMeSD) -> Target:
     for path, owner, factor, patch in found:
         for name, blk in _blocks_of(owner, model, path):
             table = SUBLAYERS[type(blk).__name__]
-            subs = [getattr(blk, a, None) for k in table for a in table[k]]
-            claimed |= {id(s) for s in subs if s is not None}
             claimed |= {id(m) for m in blk.modules() if hasattr(m, "set_processor")}
             if factor > limit:
                 continue
-            chosen = [
-                (a, getattr(blk, a))
-                for k in wanted
-                for a in table[k]
-                if getattr(blk, a, None) is not None
-            ]
-            present |= {k for k in wanted for a in table[k] if getattr(blk, a, None) is not None}
+            chosen = [(k, a) for k in wanted for a in table[k] if getattr(blk, a, None) is not None]
+            present |= {k for k, _ in chosen}
             if not owners or owners[-1].module is not owner:
                 owners.append(_Owner(owner, factor, patch))
-            blocks.append(_Block(name, len(owners) - 1, len(blocks), chosen))
+            subs = [(a, getattr(blk, a)) for _, a in chosen]
+            blocks.append(_Block(name, blk, len(owners) - 1, len(blocks), subs))
     _check_unclaimed(model, claimed)
     missing = [k for k in wanted if k not in present]
     if missing:
@@ -401,13 +396,12 @@ def diffusion_target(model: nn.Module, method: ToMeSD) -> Target:
     pre += [(o.module, lambda p, i=i: rt.owner_pre(i)) for i, o in enumerate(owners)]
     post: list[tuple[nn.Module, Callable]] = []
     for b in blocks:
-        blk = _module_at(model, b.name)
-        pre.append((blk, lambda p, b=b: rt.block_pre(b)))
+        pre.append((b.module, lambda p, b=b: rt.block_pre(b)))
         for attr, sub in b.sublayers:
             pre.append((sub, lambda p, a=attr: rt.sub_pre(a)))
             post.append((sub, lambda p, a=attr: rt.sub_post(a)))
     post.append((model, lambda p: rt.model_post))
-    first = _module_at(model, blocks[0].name)
+    first = blocks[0].module
     dim = (getattr(first, "attn1", None) or first.attn).to_q.in_features
     return Target(
         family="diffusers",
@@ -420,10 +414,6 @@ def diffusion_target(model: nn.Module, method: ToMeSD) -> Target:
         pre_hooks=pre,
         post_hooks=post,
     )
-
-
-def _module_at(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 class DiffusersAdapter(Adapter):

@@ -280,7 +280,7 @@ def test_bad_argument_is_one_line_before_loading(argv, message, no_models, tmp_p
     [
         (
             ["bench", "--n", "0"],
-            "tokenmerge bench: error: argument --n: expected at least 1, got 0",
+            "tokenmerge bench: error: argument --n/--samples: expected at least 1, got 0",
         ),
         (
             ["bench-compile", "--rounds", "x"],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.budget import budget_label, parse_budget
+from ..eval.distributed import launched
 from ..zoo import CATALOG
 from . import tune
 from .checks import (
@@ -41,6 +42,12 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         if getattr(args, flag) not in (None, False) and kind != "vision":
             raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
+    if launched() and kind != "vision":
+        raise SystemExit(
+            f"a distributed run (torchrun, accelerate launch) shares out vision benchmarks "
+            f"only; run the {kind} benchmark in one process"
+            + (" (--param bench.workers=N runs its trials on N processes)" if kind == "llm" else "")
+        )
     # the VLM, audio and diffusion benches' entry points live in their cli modules (their
     # packages hold the data and the report too)
     package = kind in ("vlm", "audio", "diffusion")
@@ -294,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--n",
+        "--samples",  # torchrun's parser takes --n for an abbreviation of its own options
+        dest="n",
         type=positive,
         help="samples for the quality tasks (vision: per data set, default 96; --full 1000; "
         "VLMs: questions, balanced over the question types, default 100; --full 500; "
@@ -402,6 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return line
 
     try:
+        if launched() and args.cmd != "bench":  # N copies would each write the same files
+            raise SystemExit(
+                f"`tokenmerge {args.cmd}` runs in one process; under torchrun or accelerate "
+                "launch only `tokenmerge bench` (vision models) shares its work among the ranks"
+            )
         return args.func(args)
     except SystemExit as e:
         if isinstance(e, CLIError) or not isinstance(e.code, str):

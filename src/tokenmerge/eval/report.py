@@ -125,9 +125,19 @@ def table(
 def footer(meta: dict[str, Any]) -> str:
     """The provenance line under a report: date, command, seed, machine and versions."""
     v = meta["versions"]
+    ranks = meta.get("ranks")
+    where = (
+        f"{len(ranks)} ranks ("
+        + "; ".join(
+            f"rank {m['rank']}: {m['host']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+            for m in ranks
+        )
+        + ")"
+        if ranks
+        else f"{meta['machine']['cpus']} CPUs ({meta['machine']['torch_threads']} torch threads)"
+    )
     return (
-        f"Generated {meta['date']} by `{meta['command']}` (seed {meta['seed']}) on "
-        f"{meta['machine']['cpus']} CPUs ({meta['machine']['torch_threads']} torch threads), "
+        f"Generated {meta['date']} by `{meta['command']}` (seed {meta['seed']}) on {where}, "
         + ", ".join(f"{k} {x}" for k, x in v.items())
         + ".\n"
     )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import report
+from .. import distributed, report
 from ..baselines import MATCHED, POINTS, matched_speed, parse_baselines
 from . import explain
 from .measure import (
@@ -180,11 +180,19 @@ def cli_main(args: argparse.Namespace) -> int:
         bar().total = total
         bar().refresh()
 
-    try:
-        result = run(cfg, lambda k: bar().update(k), plan, lambda what: bar().set_description(what))
-    finally:
-        for b in bars:
-            b.close()
+    with distributed.group() as grp:
+        try:
+            if grp.main:  # one bar: rank 0 counts every rank's images
+                result = run(
+                    cfg, lambda k: bar().update(k), plan, lambda w: bar().set_description(w), grp
+                )
+            else:
+                result = run(cfg, grp=grp)
+        finally:
+            for b in bars:
+                b.close()
+    if not grp.main:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{cfg.model.replace(':', '_').replace('/', '_')}-{cfg.backend}"
@@ -197,6 +205,8 @@ def cli_main(args: argparse.Namespace) -> int:
         "timing_runs": cfg.timing_runs,
         "tasks": sorted(cfg.tasks),
     }
+    if len(result["ranks"]) > 1:
+        meta["ranks"] = result["ranks"]
     meta["base"] = result["base"]
     meta["hardest_dataset"] = result["hardest"][0]
     meta["datasets_hardest_first"] = result["hardest"]
@@ -264,6 +274,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], order: Sequence[s
         f"{report.FLAG} marks an agreement whose standard error is above "
         f"{SE_LIMIT} (n = 1000 keeps it below whenever the agreement is at least 0.9).\n",
     ]
+    if meta.get("ranks"):
+        parts.append(
+            f"Run on {len(meta['ranks'])} ranks (`torchrun` or `accelerate launch`): the ranks "
+            "shared the batches and gathered them in order, so every number but the timings is "
+            "the one a single process gives. Each row was timed on one rank, against that "
+            "rank's own unpatched model (the timing column names the rank), while the other "
+            "ranks timed theirs: ranks on one machine share its cores. The ranks' machines are "
+            "listed at the end.\n"
+        )
     if "downsample" in methods:
         parts.append(
             "Baselines: *downsample* fits the same images to a smaller side (the budget, in "

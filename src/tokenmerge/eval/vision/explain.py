@@ -113,8 +113,9 @@ GLOSSARY = f"""## Glossary
 
 
 def timing_note(row: dict[str, Any]) -> str:
-    """The *timing* column: "within noise", "loaded (0.80 cores)", both, or ''."""
-    notes = []
+    """The *timing* column: "within noise", "loaded (0.80 cores)", the rank that timed the row
+    in a distributed run ("rank 1"), any of them, or ''."""
+    notes = [] if row.get("timing_rank") is None else [f"rank {row['timing_rank']}"]
     if row.get("within_noise"):
         notes.append("within noise")
     load = row.get("other_load")

@@ -3,7 +3,8 @@ docstring for the measures). The CLI and the report live in :mod:`.cli`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -20,6 +21,7 @@ from ...tune.plan import Plan
 from .. import metrics as M
 from .. import report
 from ..baselines import BASELINES, downsample_sizes, versus
+from ..distributed import Group, machine
 from ..throughput import Timing, interleave, toggle
 
 TASKS = frozenset({"cosine", "knn", "probe", "saliency", "speed"})
@@ -118,6 +120,20 @@ def _batches(n: int, bs: int) -> list[slice]:
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread meanwhile: the saliency decoder's transposed convolutions round
+    differently with the thread count, and a rank of a distributed run has fewer threads
+    than a single process (torchrun sets ``OMP_NUM_THREADS=1``): one thread gives every run
+    the same heat maps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.inference_mode()
 def _forward_all(
     vm,
@@ -127,22 +143,32 @@ def _forward_all(
     bs: int,
     patched: bool,
     tick: Callable,
+    grp: Group,
     heat_size: tuple[int, int] | None = None,
 ) -> _Pass:
     """CLS features, saliency heatmaps (at ``heat_size``, default the input's) and mean token
-    counts of ``pixels``, in batches of ``bs``."""
-    cls, heats, counts = [], [], []
-    for sl in _batches(len(pixels), bs):
+    counts of ``pixels``, in batches of ``bs``: this rank's batches, then every rank's put
+    back in order (the same batches as one process: the same numbers)."""
+    batches = _batches(len(pixels), bs)
+    done: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+    for k, sl in grp.mine(batches):
         tok = vm.tokens(pixels[sl])
-        cls.append(tok[:, 0].float())
+        count = heat = None
         if patched:
             st = state(vm.model)
-            counts.append(torch.stack([c.float() for c in st.tokens_per_layer], 1))
+            count = torch.stack([c.float() for c in st.tokens_per_layer], 1)
         if decoder is not None and sl.start < n_sal:
             full = state(vm.model).unmerge(tok) if patched else tok
             patches = full[:, vm.num_prefix_tokens :]
-            heats.append(decoder(patches, out_size=heat_size)[: n_sal - sl.start])
+            with _one_thread():
+                heat = decoder(patches, out_size=heat_size)[: n_sal - sl.start]
+        done[k] = (tok[:, 0].float(), heat, count)
         tick(sl.stop - sl.start)
+    parts = list(grp.merge(done).values())
+    for k, sl in enumerate(batches):  # the other ranks' images are done too
+        if grp.owner(k) != grp.rank:
+            tick(sl.stop - sl.start)
+    cls, heats, counts = ([p[j] for p in parts if p[j] is not None] for j in range(3))
     tokens = torch.cat(counts).mean(0).tolist() if counts else []
     return _Pass(torch.cat(cls), torch.cat(heats) if heats else None, tokens)
 
@@ -152,15 +178,22 @@ def run(
     progress: Callable[[int], None] | None = None,
     plan: Callable[[int], None] | None = None,
     phase: Callable[[str], None] | None = None,
+    grp: Group | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark on every dataset of ``cfg``.
 
-    Returns ``{"rows": [...], "base": {dataset: {...}}, "hardest": [datasets]}``: the rows
-    in dataset order, each carrying its ``dataset``; the unreduced model's accuracies per
-    dataset; the datasets hardest first (:func:`hardest_first`). ``progress(k)`` is called
-    after every ``k`` images (timing included), ``plan(total)`` once the number of images to
-    run is known (after the model is loaded), ``phase(what)`` as each phase starts (loading,
-    then per dataset quality, autotune, timing)."""
+    Returns ``{"rows": [...], "base": {dataset: {...}}, "hardest": [datasets], "ranks":
+    [...]}``: the rows in dataset order, each carrying its ``dataset``; the unreduced model's
+    accuracies per dataset; the datasets hardest first (:func:`hardest_first`); each rank's
+    :func:`~tokenmerge.eval.distributed.machine`. ``progress(k)`` is called after every ``k``
+    images (timing included), ``plan(total)`` once the number of images to run is known
+    (after the model is loaded), ``phase(what)`` as each phase starts (loading, then per
+    dataset quality, autotune, timing).
+
+    Under a launcher, ``grp`` shares the work among the ranks (:mod:`..distributed`): each
+    pass's batches, each autotune target and each row to time, by round robin. Every rank
+    returns the whole result; only the timings and the rank that took each depend on it."""
+    grp = grp or Group()
     from .. import zoo
 
     datasets = check_datasets(cfg.datasets)  # refused before the model loads
@@ -194,15 +227,20 @@ def run(
         plan(quality + ("speed" in cfg.tasks) * timed_rows * _timing_images(cfg))
     rows: list[dict[str, Any]] = []
     base: dict[str, dict[str, Any]] = {}
-    shared: dict[tuple[str, str], Timing | None] = {}
+    shared: dict[tuple[str, str], tuple[Timing | None, int]] = {}
     for name in datasets:
         ds_rows, base[name] = _run_dataset(
-            cfg, name, vm, decoder, configs, ladder, progress, shared, say
+            cfg, name, vm, decoder, configs, ladder, progress, shared, say, grp
         )
         versus(ds_rows, "downsample")
         versus(ds_rows, "tome")
         rows += ds_rows
-    return {"rows": rows, "base": base, "hardest": hardest_first(rows, datasets)}
+    return {
+        "rows": rows,
+        "base": base,
+        "hardest": hardest_first(rows, datasets),
+        "ranks": grp.gather(machine(grp)),
+    }
 
 
 def difficulty(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -239,14 +277,15 @@ def _run_dataset(
     configs: list[tuple[str, Budget]],
     ladder: list[int],
     progress: Callable[[int], None] | None,
-    shared: dict[tuple[str, str], Timing | None],
+    shared: dict[tuple[str, str], tuple[Timing | None, int]],
     say: Callable[[str], None],
+    grp: Group,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every configuration on one dataset: its rows and the unreduced model's accuracies.
 
-    ``shared`` holds the timings of rows whose speed does not depend on the images (every
-    token count fixed by the budget: all but the dynamic methods), keyed by (method, budget):
-    timed on the first dataset, reused on the others."""
+    ``shared`` holds the timings (and the rank that took each) of rows whose speed does not
+    depend on the images (every token count fixed by the budget: all but the dynamic
+    methods), keyed by (method, budget): timed on the first dataset, reused on the others."""
     tick = progress or (lambda k: None)
     say(f"{name}: quality")
     images, labels = load_dataset(name, cfg.n, cfg.seed)
@@ -254,7 +293,7 @@ def _run_dataset(
     n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
     y = torch.as_tensor(labels)
 
-    base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick)
+    base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick, grp)
     knn_base = M.knn_predict(base.cls, y).numpy()
     cost = adapter_for(vm.model).target(vm.model).cost  # the analytic FLOPs model
     n0 = _n_tokens(vm)
@@ -264,18 +303,17 @@ def _run_dataset(
 
     full = batch_of(pixels)
 
-    def timed(other: torch.Tensor, toggle: Callable[[bool], None] | None = None) -> Timing | None:
-        """Interleaved timing on this dataset's images: the full batch unpatched, against
-        ``other`` (patched by ``toggle``, or smaller images)."""
-        if "speed" not in cfg.tasks:
-            return None
+    def timed(c: _Config) -> Timing:
+        """Interleaved timing on this dataset's images: the full batch unpatched, against the
+        row's (patched by its toggle, or smaller images)."""
+        other, switch = (c.setup, None) if isinstance(c.setup, torch.Tensor) else (full, c.setup)
         t = interleave(
             lambda: vm.tokens(full),
             lambda: vm.tokens(other),
             cfg.batch_size,
             cfg.timing_runs,
             TIMING_WARMUP,
-            between=toggle,
+            between=switch,
         )
         tick(_timing_images(cfg))
         return t
@@ -303,7 +341,7 @@ def _run_dataset(
         switch = toggle(vm.model, method, plan and plan.input_scale)
         switch(True)
         try:
-            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick, heat)
+            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick, grp, heat)
         finally:
             switch(False)
         n_in = _n_tokens(vm, plan and plan.input_size[0])
@@ -320,9 +358,10 @@ def _run_dataset(
         label = budget_label(budget)
         runs.append(measured(method_name, label, report.method_params(method, label), method))
     plans = [("plan", label, p) for label, p in cfg.plans.items()]
-    for target in cfg.autotune:
+    found: dict[int, Plan] = {}
+    for k, target in grp.mine(cfg.autotune):  # a search times the model: one rank each
         say(f"{name}: autotune {target:g}x")
-        found = autotune(
+        found[k] = autotune(
             vm.model,
             autotune_pixels(),
             speedup=target,
@@ -332,14 +371,15 @@ def _run_dataset(
             timing_runs=min(cfg.timing_runs, 3),
             seed=cfg.seed,
         )
-        plans.append(("autotune", f"{target:g}x", found))
+    found = grp.merge(found)
+    plans += [("autotune", f"{t:g}x", found[k]) for k, t in enumerate(cfg.autotune)]
     if cfg.autotune:
         say(f"{name}: quality")
     for kind, label, p in plans:
         runs.append(measured(kind, label, _plan_params(p), p.to_method(), p))
     for size in ladder:
         small = vm.preprocess(images, size=size)
-        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, heat)
+        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, grp, heat)
         n = _n_tokens(vm, size)
         p.tokens = [float(n)] * cost.depth
         flops = cost.flops(n, p.tokens) / cost.flops(n0, [n0] * cost.depth)
@@ -362,16 +402,20 @@ def _run_dataset(
         "cosine": 1.0,
     }
     rows = []
+    timings: dict[int, tuple[Timing | None, int]] = {}
     if "speed" in cfg.tasks:
         say(f"{name}: timing")
-    for c, probe in zip(runs, probe_preds[1:], strict=True):
+        # the rows not timed yet, shared among the ranks; each rank against its own model
+        todo = [i for i, c in enumerate(runs) if not (c.static and (c.name, c.label) in shared)]
+        timings = grp.merge({i: (timed(runs[i]), grp.rank) for _, i in grp.mine(todo)})
+        for j, _ in enumerate(todo):
+            if grp.owner(j) != grp.rank:
+                tick(_timing_images(cfg))
+    for i, (c, probe) in enumerate(zip(runs, probe_preds[1:], strict=True)):
         key = (c.name, c.label)
-        if c.static and key in shared:
-            timing = shared[key]
-        else:
-            timing = timed(c.setup) if isinstance(c.setup, torch.Tensor) else timed(full, c.setup)
-            if c.static:
-                shared[key] = timing
+        if i in timings and c.static:
+            shared[key] = timings[i]
+        timing, rank = timings.get(i) or shared.get(key) or (None, 0)
         row = {
             "model": cfg.model,
             "backend": cfg.backend,
@@ -391,6 +435,8 @@ def _run_dataset(
             "base_items_per_s": timing and timing.base_items_per_s,
             "items_per_s": timing and timing.reduced_items_per_s,
         }
+        if grp.world > 1 and timing:
+            row["timing_rank"] = rank
         row |= _quality(c.out, base, labels, knn_base, probe, probe_base, cfg.seed)
         row["knn_acc_base"], row["probe_acc_base"] = base_row["knn_acc"], base_row["probe_acc"]
         rows.append(row)

@@ -76,7 +76,7 @@ def test_round_robin_covers_every_item_once() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["bench", "--model", "smollm2-135m"], "run the llm benchmark in one process"),
+        (["bench", "--model", "whisper-tiny-en"], "run the audio benchmark in one process"),
         (["bench", "--model", "minilm"], "run the text benchmark in one process"),
         (["list"], "`tokenmerge list` runs in one process"),
     ],
@@ -130,3 +130,68 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path: Path) -> None:
         assert same == (x["method"] != "dtome"), x["method"]
     md = (two / "run.md").read_text()
     assert "Run on 2 ranks" in md and "rank 1" in md and "2 ranks (rank 0:" in md
+
+
+def _tiny_llm_folder(folder: Path) -> Path:
+    """The LLM bench tests' tiny random Llama and chat-template tokenizer, saved as a
+    ``hf:`` folder for the bench's subprocesses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_llm_bench import TEMPLATE, _text, tiny_lm
+    from tokenmerge.eval import corpora
+    from tokenmerge.eval import llm as L
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = [_text(), corpora.text("austen")[:20000], L.NEEDLE, L.QUESTION, L.ANSWER_PREFIX]
+    bpe.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=TEMPLATE
+    )
+    tiny_lm(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_two_ranks_share_the_llm_trials(tmp_path: Path) -> None:
+    """The trials shared by two ranks and merged in order give the single process's answers,
+    NLLs, cache sizes and cross-checks; the timings run on rank 0."""
+    model = _tiny_llm_folder(tmp_path / "lm")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    args = ["bench", "--model", f"hf:{model}", "--kind", "llm", "--quick", "--dataset", "austen"]
+    args += ["--methods", "snapkv,tova", "--tasks", "needle,ppl,speed", "--name", "run"]
+    args += ["--samples", "3"]  # trials per length
+    for p in ("lengths=96", "speed_length=96", "continuation=32", "chunk=32"):
+        args += ["--param", f"bench.{p}"]
+    args += ["--param", "bench.decode_tokens=2", "--param", "snapkv.window=8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, "-m", "tokenmerge", *args, "--out", str(one)], check=True, env=env
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    subprocess.run(
+        [*torchrun, "2", "-m", "tokenmerge", *args, "--out", str(two)], check=True, env=env
+    )
+    a, b = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    assert len(a["rows"]) == len(b["rows"]) == 8  # snapkv, tova; 2x, 8x; one-shot, chunked
+    timing = ("prefill_time", "prefill_ratio", "prefill_ratio_lo", "prefill_ratio_hi")
+    for x, y in zip(a["rows"], b["rows"], strict=True):
+        assert x.keys() == y.keys()
+        for k in x.keys() - {*timing, "decode_ratio", "other_load"}:
+            if k.startswith("ppl"):  # a rank's one thread sums some logits in another order
+                assert y[k] == pytest.approx(x[k], rel=1e-4), k
+            else:  # answers, needle scores, cache sizes and kept fractions: bit-equal
+                assert y[k] == x[k], k
+    for k in ("base", "check", "trials"):
+        assert a["meta"][k] == b["meta"][k], k
+    assert a["meta"]["base"]["trials"] == 3 and a["meta"]["check"]["checks"] > 0
+    assert [m["rank"] for m in b["meta"]["ranks"]] == [0, 1]
+    assert all(r["prefill_ratio"] > 0 for r in b["rows"])
+    assert "the trials ran on 2 ranks" in (two / "run.md").read_text()

@@ -42,11 +42,10 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         if getattr(args, flag) not in (None, False) and kind != "vision":
             raise SystemExit(f"--{flag} applies to vision benchmarks, not to {kind} ones")
-    if launched() and kind != "vision":
+    if launched() and kind not in ("vision", "llm"):
         raise SystemExit(
-            f"a distributed run (torchrun, accelerate launch) shares out vision benchmarks "
-            f"only; run the {kind} benchmark in one process"
-            + (" (--param bench.workers=N runs its trials on N processes)" if kind == "llm" else "")
+            "a distributed run (torchrun, accelerate launch) shares out vision and LLM "
+            f"benchmarks only; run the {kind} benchmark in one process"
         )
     # the VLM, audio and diffusion benches' entry points live in their cli modules (their
     # packages hold the data and the report too)
@@ -414,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if launched() and args.cmd != "bench":  # N copies would each write the same files
             raise SystemExit(
                 f"`tokenmerge {args.cmd}` runs in one process; under torchrun or accelerate "
-                "launch only `tokenmerge bench` (vision models) shares its work among the ranks"
+                "launch only `tokenmerge bench` (vision and LLM) shares its work among the ranks"
             )
         return args.func(args)
     except SystemExit as e:

@@ -12,8 +12,9 @@ import torch
 from ...adapters import hf_decoder as hd
 from ...methods import REGISTRY
 from ...methods.kv.kvzip import kvzip_prompt
+from ..distributed import Group, launched, machine
 from .measure import Acc, mean, ppl_ratio, proportion
-from .parallel import run_trials
+from .parallel import run_trials, share_trials
 from .report import cost_context
 from .runner import TASKS, LLMBenchConfig, Runner, all_factors
 from .trials import Trial, make_trials, spread
@@ -38,6 +39,11 @@ def validate(cfg: LLMBenchConfig) -> None:
         raise ValueError(f"compression factors must be >= 1 (2 = 2x), got {all_factors(cfg)}")
     if cfg.workers < 1:
         raise ValueError(f"workers must be at least 1, got {cfg.workers}")
+    if cfg.workers > 1 and launched():
+        raise ValueError(
+            "bench.workers forks worker processes; under torchrun or accelerate launch the "
+            "ranks already share the trials: leave bench.workers at 1"
+        )
     if cfg.trials < 1 or not cfg.lengths:
         raise ValueError("the bench needs at least one length and one trial per length")
 
@@ -53,9 +59,16 @@ def with_prompts(cfg: LLMBenchConfig, tok: Any) -> LLMBenchConfig:
     return dataclasses.replace(cfg, method_params=params)
 
 
-def run(cfg: LLMBenchConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"rows", "base", "check", "memory", "trials", ...}``
-    (:func:`summarize`)."""
+def run(
+    cfg: LLMBenchConfig, progress: Callable[[int], None] | None = None, grp: Group | None = None
+) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"rows", "base", "check", "memory", "trials", "ranks",
+    ...}`` (:func:`summarize`).
+
+    Under a launcher, ``grp``'s ranks share the trials (:func:`.parallel.share_trials`); the
+    timings and memory then run on rank 0 alone, against its own unpatched model, and only
+    rank 0 gets the result (the others ``{}``)."""
+    grp = grp or Group()
     from .. import zoo
 
     validate(cfg)
@@ -68,11 +81,16 @@ def run(cfg: LLMBenchConfig, progress: Callable[[int], None] | None = None) -> d
     trials = make_trials(tok, cfg.lengths, cfg.trials, cfg.corpora, cfg.continuation, cfg.seed)
     if cfg.tasks & {"needle", "ppl"}:
         checked = set(spread(len(trials), cfg.ppl_check))
-        if cfg.workers > 1:
+        if grp.world > 1:
+            share_trials(r, trials, checked, grp)
+        elif cfg.workers > 1:
             run_trials(r, trials, checked, cfg.workers)
         else:
             for i, t in enumerate(trials):
                 r.trial(t, check=i in checked)
+    ranks = grp.gather(machine(grp))
+    if not grp.main:
+        return {}
     speed, speed_ctx = None, 0
     if "speed" in cfg.tasks:
         st = make_trials(tok, [cfg.speed_length], 1, cfg.corpora[:1], 1, cfg.seed + 1)[0]
@@ -81,7 +99,7 @@ def run(cfg: LLMBenchConfig, progress: Callable[[int], None] | None = None) -> d
     if "memory" in cfg.tasks:
         mt = make_trials(tok, cfg.memory_lengths, 1, cfg.corpora[:1], 1, cfg.seed + 2)
         memory = r.memory({t.length: t for t in mt})
-    return summarize(cfg, r, trials, speed, speed_ctx, memory)
+    return summarize(cfg, r, trials, speed, speed_ctx, memory) | {"ranks": ranks}
 
 
 def _needle(acc: Acc) -> dict[str, Any]:

@@ -103,12 +103,17 @@ def cli_main(args: argparse.Namespace) -> int:
     """``tokenmerge bench`` for decoder LLMs (called by the CLI)."""
     from tqdm import tqdm
 
+    from .. import distributed
     from .bench import run, validate
 
     cfg = config(args)
     validate(cfg)
-    with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
-        result = run(cfg, bar.update)
+    with distributed.group() as grp:
+        if not grp.main:  # rank 0 counts every rank's steps and writes the report
+            run(cfg, grp=grp)
+            return 0
+        with tqdm(total=planned_steps(cfg), desc="bench", unit="step", file=sys.stderr) as bar:
+            result = run(cfg, bar.update, grp)
     return write(args, cfg, result)
 
 
@@ -132,6 +137,8 @@ def write(args: argparse.Namespace, cfg: LLMBenchConfig, result: dict[str, Any])
     } | {"method_params": result["method_params"], "tasks": sorted(cfg.tasks)}
     for k in SAVED:
         meta[k] = result[k]
+    if len(result["ranks"]) > 1:
+        meta["ranks"] = result["ranks"]
     report.write_json(out / f"{stem}.json", meta, result["rows"])
     (out / f"{stem}.md").write_text(markdown(cfg, result, meta))
     print(f"wrote {out / stem}.json, .md")

@@ -1,4 +1,5 @@
-"""The trials on several worker processes (``--param bench.workers=N``).
+"""The trials on several worker processes: forked on one machine (``--param bench.workers=N``),
+or the ranks of a distributed run (``torchrun``, ``accelerate launch``: :func:`share_trials`).
 
 A small model on a CPU spends much of each decoding step in Python and in memory-bound
 matrix-vector products, so one process does not keep every core busy: on 2 cores, two
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import Group
 from .measure import Acc
 from .runner import Runner
 from .trials import Trial
@@ -92,9 +94,37 @@ def run_trials(r: Runner, trials: Sequence[Trial], checked: set[int], workers: i
             if p.is_alive():
                 p.terminate()
             p.join()
-    for i in sorted(results):
-        accs, base, checks = results[i]
+    _merge(r, [results[i] for i in sorted(results)])
+
+
+def _merge(r: Runner, results: Sequence[tuple[dict, Acc, list]]) -> None:
+    """Add each trial's measurements to ``r``, in the order given (the trials')."""
+    for accs, base, checks in results:
         for key, acc in accs.items():
             r.acc(*key).extend(acc)
         r.base.extend(base)
         r.checks.extend(checks)
+
+
+def share_trials(r: Runner, trials: Sequence[Trial], checked: set[int], grp: Group) -> None:
+    """Run this rank's share of the trials (round robin), then merge every rank's
+    measurements into ``r`` in trial order, on every rank: the result one process gives.
+    ``r.tick`` also counts the other ranks' steps once they are gathered."""
+    tick, steps = r.tick, [0]
+
+    def count(k: int) -> None:
+        steps[0] += k
+        tick(k)
+
+    r.tick = count
+    done: dict[int, tuple[dict, Acc, list]] = {}
+    try:
+        for i, t in grp.mine(trials):
+            r.accs, r.base, r.checks = {}, Acc(), []
+            r.trial(t, check=i in checked)
+            done[i] = (r.accs, r.base, r.checks)
+    finally:
+        r.tick = tick
+    r.accs, r.base, r.checks = {}, Acc(), []
+    _merge(r, list(grp.merge(done).values()))
+    tick(sum(grp.gather(steps[0])) - steps[0])

@@ -166,6 +166,9 @@ def markdown(cfg: LLMBenchConfig, result: dict[str, Any], meta: dict[str, Any]) 
             f"{worker_threads(int(meta['machine']['torch_threads']), cfg.workers)} thread(s) "
             "each"
             if cfg.workers > 1
+            else f"; the trials ran on {len(meta['ranks'])} ranks (listed at the end), the "
+            "timings on rank 0 alone"
+            if meta.get("ranks")
             else ""
         )
         + "; extra forwards = forwards after the prefill that the method's scoring costs "

@@ -134,6 +134,45 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+#: one batch's CLS features, saliency maps (or None) and token counts (or None: unpatched)
+_Part = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class _Work:
+    """The batches of every pass over one dataset's images, shared among the ranks by round
+    robin over all of them (the j-th batch asked for is rank ``j mod W``'s), and gathered once
+    every pass is done: a gather per pass would leave a rank idle whenever a pass's batches
+    do not divide evenly (96 images in batches of 32: 2 to 1)."""
+
+    def __init__(self, grp: Group, tick: Callable[[int], None]) -> None:
+        self.grp, self.tick = grp, tick
+        self.sizes: list[int] = []  # images in each batch asked for
+        self.done: dict[int, _Part] = {}
+
+    def batches(self, n: int, bs: int) -> list[tuple[int, slice, bool]]:
+        """A pass's batches of ``bs`` of ``n`` images: (item, slice, whether it is ours)."""
+        out = []
+        for sl in _batches(n, bs):
+            j = len(self.sizes)
+            self.sizes.append(sl.stop - sl.start)
+            out.append((j, sl, self.grp.owner(j) == self.grp.rank))
+        return out
+
+    def gather(self) -> None:
+        """Every rank's batches, on every rank (the others' images then count as done)."""
+        self.done = self.grp.merge(self.done)
+        for j, size in enumerate(self.sizes):
+            if self.grp.owner(j) != self.grp.rank:
+                self.tick(size)
+
+    def result(self, items: Sequence[int]) -> _Pass:
+        """A gathered pass from its batches, in order: the numbers one process gives."""
+        parts = [self.done[j] for j in items]
+        cls, heats, counts = ([p[i] for p in parts if p[i] is not None] for i in range(3))
+        tokens = torch.cat(counts).mean(0).tolist() if counts else []
+        return _Pass(torch.cat(cls), torch.cat(heats) if heats else None, tokens)
+
+
 @torch.inference_mode()
 def _forward_all(
     vm,
@@ -142,16 +181,16 @@ def _forward_all(
     n_sal: int,
     bs: int,
     patched: bool,
-    tick: Callable,
-    grp: Group,
+    work: _Work,
     heat_size: tuple[int, int] | None = None,
-) -> _Pass:
-    """CLS features, saliency heatmaps (at ``heat_size``, default the input's) and mean token
-    counts of ``pixels``, in batches of ``bs``: this rank's batches, then every rank's put
-    back in order (the same batches as one process: the same numbers)."""
-    batches = _batches(len(pixels), bs)
-    done: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
-    for k, sl in grp.mine(batches):
+) -> list[int]:
+    """This rank's share of a pass over ``pixels`` in batches of ``bs``: CLS features,
+    saliency heatmaps (at ``heat_size``, default the input's) and token counts. Returns the
+    pass's items in ``work`` (:meth:`_Work.result` once gathered)."""
+    items = work.batches(len(pixels), bs)
+    for j, sl, mine in items:
+        if not mine:
+            continue
         tok = vm.tokens(pixels[sl])
         count = heat = None
         if patched:
@@ -162,15 +201,9 @@ def _forward_all(
             patches = full[:, vm.num_prefix_tokens :]
             with _one_thread():
                 heat = decoder(patches, out_size=heat_size)[: n_sal - sl.start]
-        done[k] = (tok[:, 0].float(), heat, count)
-        tick(sl.stop - sl.start)
-    parts = list(grp.merge(done).values())
-    for k, sl in enumerate(batches):  # the other ranks' images are done too
-        if grp.owner(k) != grp.rank:
-            tick(sl.stop - sl.start)
-    cls, heats, counts = ([p[j] for p in parts if p[j] is not None] for j in range(3))
-    tokens = torch.cat(counts).mean(0).tolist() if counts else []
-    return _Pass(torch.cat(cls), torch.cat(heats) if heats else None, tokens)
+        work.done[j] = (tok[:, 0].float(), heat, count)
+        work.tick(sl.stop - sl.start)
+    return [j for j, _, _ in items]
 
 
 def run(
@@ -293,8 +326,9 @@ def _run_dataset(
     n_sal = min(cfg.saliency_images, len(pixels)) if decoder is not None else 0
     y = torch.as_tensor(labels)
 
-    base = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, tick, grp)
-    knn_base = M.knn_predict(base.cls, y).numpy()
+    work = _Work(grp, tick)
+    heat = tuple(pixels.shape[-2:])
+    base_items = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, False, work)
     cost = adapter_for(vm.model).target(vm.model).cost  # the analytic FLOPs model
     n0 = _n_tokens(vm)
 
@@ -306,7 +340,7 @@ def _run_dataset(
     def timed(c: _Config) -> Timing:
         """Interleaved timing on this dataset's images: the full batch unpatched, against the
         row's (patched by its toggle, or smaller images)."""
-        other, switch = (c.setup, None) if isinstance(c.setup, torch.Tensor) else (full, c.setup)
+        other, switch = (c.setup, None) if c.unpatched else (full, c.setup)
         t = interleave(
             lambda: vm.tokens(full),
             lambda: vm.tokens(other),
@@ -336,20 +370,17 @@ def _run_dataset(
     def measured(
         kind: str, label: str, params: dict, method: Method, plan: Plan | None = None
     ) -> _Config:
-        """One patched pass over the images (resized on entry as ``plan`` says); its FLOPs
-        from the tokens it kept."""
+        """One patched pass over the images (resized on entry as ``plan`` says)."""
         switch = toggle(vm.model, method, plan and plan.input_scale)
         switch(True)
         try:
-            p = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, tick, grp, heat)
+            items = _forward_all(vm, pixels, decoder, n_sal, cfg.batch_size, True, work, heat)
         finally:
             switch(False)
         n_in = _n_tokens(vm, plan and plan.input_size[0])
-        flops = cost.flops(n_in, p.tokens) / cost.flops(n0, [n0] * cost.depth)
         static = not method.dynamic and kind != "autotune"  # autotune: a plan per dataset
-        return _Config(kind, label, params, p, flops, switch, static)
+        return _Config(kind, label, params, items, n_in, switch, static)
 
-    heat = tuple(pixels.shape[-2:])
     for method_name, budget in configs:
         method = get_method(method_name, r=budget, **cfg.method_params.get(method_name, {}))
         if isinstance(method, Calibrated):  # DToMe: thresholds from this dataset's held-out images
@@ -379,15 +410,22 @@ def _run_dataset(
         runs.append(measured(kind, label, _plan_params(p), p.to_method(), p))
     for size in ladder:
         small = vm.preprocess(images, size=size)
-        p = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, tick, grp, heat)
-        n = _n_tokens(vm, size)
-        p.tokens = [float(n)] * cost.depth
-        flops = cost.flops(n, p.tokens) / cost.flops(n0, [n0] * cost.depth)
+        items = _forward_all(vm, small, decoder, n_sal, cfg.batch_size, False, work, heat)
         # only the timing batch is kept, not all the smaller images
+        n = _n_tokens(vm, size)
         runs.append(
-            _Config("downsample", f"{size}px", {"size": size}, p, flops, batch_of(small), True)
+            _Config("downsample", f"{size}px", {"size": size}, items, n, batch_of(small), True)
         )
 
+    work.gather()
+    base = work.result(base_items)
+    knn_base = M.knn_predict(base.cls, y).numpy()
+    full_flops = cost.flops(n0, [n0] * cost.depth)
+    for c in runs:
+        c.out = work.result(c.items)
+        if c.unpatched:
+            c.out.tokens = [float(c.n_in)] * cost.depth
+        c.flops_ratio = cost.flops(c.n_in, c.out.tokens) / full_flops
     feats = [base.cls.numpy()] + [c.out.cls.numpy() for c in runs]
     probe_preds = M.probe_predict(feats[0], labels, feats, seed=cfg.seed)
     probe_base = probe_preds[0]
@@ -494,13 +532,23 @@ class _Config:
     name: str
     label: str  # the budget column
     params: dict[str, Any]
-    out: _Pass
-    flops_ratio: float
+    #: its pass's batches in the dataset's :class:`_Work`
+    items: list[int]
+    #: tokens entering the first block
+    n_in: int
     #: patches the model on True and removes the patch on False, or a batch of
     #: downsampling's smaller images
-    setup: Callable[[bool], None] | torch.Tensor
+    setup: Callable[[bool], None] | torch.Tensor | None = None
     #: every token count fixed by the budget: the speed does not depend on the images
-    static: bool
+    static: bool = False
+    #: its pass and FLOPs ratio, once the ranks' batches are gathered
+    out: _Pass | None = None
+    flops_ratio: float = float("nan")
+
+    @property
+    def unpatched(self) -> bool:
+        """Downsampling's row: every layer keeps the ``n_in`` tokens of the smaller input."""
+        return isinstance(self.setup, torch.Tensor)
 
 
 def _plan_params(plan: Plan) -> dict[str, Any]:

@@ -49,7 +49,8 @@ are identical), and is measured with the model patched with that method (TOVA ke
 while it decodes). KVzip's reconstruction scores do not depend on the ratio: they are
 computed once per trial and mode. Chunked prefills share every chunk but the last between
 the modes. Timings come from one context, apart from the trials. ``workers`` forked
-processes can share the trials (:mod:`.parallel`); the timings then run alone afterwards.
+processes, or the ranks of a ``torchrun`` / ``accelerate launch`` run, can share the trials
+(:mod:`.parallel`); the timings then run alone afterwards (on rank 0).
 """
 
 from .bench import run, summarize

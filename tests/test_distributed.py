@@ -135,26 +135,10 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path: Path) -> None:
 def _tiny_llm_folder(folder: Path) -> Path:
     """The LLM bench tests' tiny random Llama and chat-template tokenizer, saved as a
     ``hf:`` folder for the bench's subprocesses."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.test_llm_bench import TEMPLATE, _text, tiny_lm
+    from tests.test_llm_bench import _text, chat_tokenizer, tiny_lm
     from tokenmerge.eval import corpora
-    from tokenmerge.eval import llm as L
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    text = [_text(), corpora.text("austen")[:20000], L.NEEDLE, L.QUESTION, L.ANSWER_PREFIX]
-    bpe.train_from_iterator(text, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=TEMPLATE
-    )
+    tok = chat_tokenizer(_text(), corpora.text("austen")[:20000])
     tiny_lm(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

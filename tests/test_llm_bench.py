@@ -40,9 +40,9 @@ def _text(seed: int = 0, paragraphs: int = 300) -> str:
     return "\n\n".join(paras)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """A byte-level BPE tokenizer trained on the synthetic text, with a ChatML template."""
+def chat_tokenizer(*texts: str) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` and the needle's prompts, with a
+    ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
@@ -53,10 +53,16 @@ def tok():
         special_tokens=["<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    bpe.train_from_iterator([_text(), L.NEEDLE, L.QUESTION, L.ANSWER_PREFIX], trainer)
+    bpe.train_from_iterator([*texts, L.NEEDLE, L.QUESTION, L.ANSWER_PREFIX], trainer)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=TEMPLATE
     )
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tokenizer of the synthetic text."""
+    return chat_tokenizer(_text())
 
 
 def tiny_lm(vocab: int, seed: int = 0) -> transformers.LlamaForCausalLM:

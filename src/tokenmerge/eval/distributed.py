@@ -22,12 +22,18 @@ import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+#: how long a rank waits for the others at a gather: a rank may wait out another's whole
+#: share (an autotune search, the LLM bench's timings on rank 0), far past gloo's 30 minutes;
+#: a rank that fails stops the others through the launcher, not through this timeout
+WAIT = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,8 @@ def group() -> Iterator[Group]:
         return
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group(backend="gloo")
-    pg = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        dist.init_process_group(backend="gloo", timeout=WAIT)
+    pg = dist.new_group(backend="gloo", timeout=WAIT) if dist.get_backend() != "gloo" else None
     try:
         yield Group(dist.get_rank(), dist.get_world_size(), pg)
         # no rank tears the group down while another still talks on it (gloo aborts the
